@@ -1,0 +1,43 @@
+"""The pack's node registry.  Each module of this folder lists its node classes in NODES; a module whose
+optional Python packages are missing is skipped with one log line, so ComfyUI and the other nodes still load."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from comfy_api.latest import ComfyExtension
+
+LOG_PREFIX = "[reward-steering]"
+
+# (module in this folder, Python packages it needs beyond ComfyUI's own)
+NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
+    ("reference", ()),
+    ("rewards", ()),
+]
+
+
+def load_node_classes(modules=NODE_MODULES, package: str = __name__) -> list[type]:
+    classes = []
+    for module_name, requirements in modules:
+        missing = []
+        for requirement in requirements:
+            try:
+                importlib.import_module(requirement)
+            except Exception as e:  # a broken install hides the nodes just like a missing one
+                missing.append(f"{requirement} ({type(e).__name__}: {e})")
+        if missing:
+            logging.warning("%s %s nodes disabled: cannot import %s. Install the pack's requirements "
+                            "(pip install -r requirements.txt) and restart ComfyUI.",
+                            LOG_PREFIX, module_name, ", ".join(missing))
+            continue
+        classes.extend(importlib.import_module(f".{module_name}", package).NODES)
+    return classes
+
+
+class RewardSteeringExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type]:
+        return load_node_classes()
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    return RewardSteeringExtension()

@@ -1,0 +1,89 @@
+"""Reward nodes: thin adapters that build Reward objects, and a node that scores images with any reward."""
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io, ui
+
+from ..rewards import ImageSimilarityReward, LinearColorReward
+from ..rewards.image_similarity import METRICS
+from .types import Reward
+
+CATEGORY = "reward_steering/rewards"
+COLOR_MODES = ["channel weights", "toward colour"]
+
+
+class ColorReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerColorReward",
+            display_name="Colour Reward (linear)",
+            category=CATEGORY,
+            description="Scores the image's mean colour, linearly. 'channel weights': red*R + green*G + blue*B "
+                        "+ bias (1,1,1 = brightness). 'toward colour': how far the mean colour leans from grey "
+                        "toward the colour (red, green, blue in 0..1). No weights file needed.",
+            inputs=[
+                io.Combo.Input("mode", options=COLOR_MODES, default="channel weights"),
+                io.Float.Input("red", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("green", default=0.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("blue", default=0.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("bias", default=0.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="added to the score in 'channel weights' mode"),
+            ],
+            outputs=[Reward.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, mode, red, green, blue, bias) -> io.NodeOutput:
+        if mode == "toward colour":
+            for name, v in (("red", red), ("green", green), ("blue", blue)):
+                if not 0.0 <= v <= 1.0:
+                    raise ValueError(f"in 'toward colour' mode {name} is a colour component in 0..1, got {v}")
+            return io.NodeOutput(LinearColorReward.toward((red, green, blue)))
+        return io.NodeOutput(LinearColorReward((red, green, blue), bias))
+
+
+class ImageSimilarity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerImageSimilarityReward",
+            display_name="Image Similarity Reward",
+            category=CATEGORY,
+            description="Scores how close each image is to a reference image (resized to match). neg_mse: "
+                        "minus the mean squared pixel difference; cosine: cosine of the grey-centred pixels.",
+            inputs=[io.Image.Input("reference"), io.Combo.Input("metric", options=list(METRICS), default="neg_mse")],
+            outputs=[Reward.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, reference, metric) -> io.NodeOutput:
+        return io.NodeOutput(ImageSimilarityReward(reference, metric))
+
+
+class ScoreImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerScoreImages",
+            display_name="Score Images",
+            category=CATEGORY,
+            description="Scores every image of a batch with a reward; shows the scores on the node.",
+            inputs=[io.Image.Input("images"), Reward.Input("reward"),
+                    io.String.Input("prompt", default="", multiline=True, optional=True,
+                                    tooltip="for rewards that need the prompt")],
+            outputs=[io.String.Output(display_name="scores_json"), io.Float.Output(display_name="mean")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, reward, prompt="") -> io.NodeOutput:
+        scores = reward(images, [prompt] if prompt else None).tolist()
+        mean = sum(scores) / len(scores)
+        text = f"{reward.describe()}\nmean {mean:.4f} over {len(scores)}: " + ", ".join(f"{s:.4f}" for s in scores)
+        return io.NodeOutput(json.dumps({"reward": reward.describe(), "scores": scores, "mean": mean}), mean,
+                             ui=ui.PreviewText(text))
+
+
+NODES = [ColorReward, ImageSimilarity, ScoreImages]

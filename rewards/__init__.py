@@ -1,0 +1,7 @@
+"""Rewards: one per file, all behind the small protocol in base.py."""
+from .base import REWARD_TYPE, Reward, RewardInputError, as_image_batch
+from .image_similarity import ImageSimilarityReward
+from .linear_color import LinearColorReward
+
+__all__ = ["REWARD_TYPE", "Reward", "RewardInputError", "as_image_batch", "ImageSimilarityReward",
+           "LinearColorReward"]

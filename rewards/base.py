@@ -1,0 +1,69 @@
+"""The REWARD protocol: a batch of images [B, H, W, C] in [0, 1] (plus prompts where needed) -> float scores [B].
+
+Every reward in this folder subclasses `Reward`, implements `score`, and declares what it is:
+  differentiable  gradients flow from the scores back to the pixels (gradient-guided SMC needs this)
+  needs_prompt    the score depends on the text prompt; callers must pass one prompt per image
+  linear          the score is affine in the pixels, so the exact tilted law of the reference model is known
+Callers use `reward(images, prompts)`, which validates the input and the output once for every reward.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+REWARD_TYPE = "REWARD"  # the ComfyUI socket type that carries a Reward
+
+
+class RewardInputError(ValueError):
+    """Bad images or prompts given to a reward; the message says what to change."""
+
+
+def as_image_batch(images, who: str) -> torch.Tensor:
+    """Validate a ComfyUI IMAGE batch: [B, H, W, C] (or [H, W, C]), 1/3/4 channels -> float [B, H, W, 3]."""
+    if not torch.is_tensor(images):
+        raise RewardInputError(f"{who}: expected an IMAGE tensor [B, H, W, C], got {type(images).__name__}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise RewardInputError(f"{who}: expected an IMAGE of shape [B, H, W, C], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise RewardInputError(f"{who}: the image batch is empty; connect a node that produces at least one image")
+    channels = images.shape[-1]
+    if channels == 4:      # RGBA: the reward scores the colour, not the transparency
+        images = images[..., :3]
+    elif channels == 1:    # greyscale
+        images = images.expand(*images.shape[:-1], 3)
+    elif channels != 3:
+        raise RewardInputError(f"{who}: images must have 1, 3 or 4 channels in the last dimension "
+                               f"([B, H, W, C]); got shape {tuple(images.shape)}")
+    return images if images.dtype.is_floating_point else images.float() / 255.0
+
+
+class Reward:
+    name: str = "reward"
+    differentiable: bool = False
+    needs_prompt: bool = False
+    linear: bool = False
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+        images = as_image_batch(images, self.name)
+        if self.needs_prompt:
+            if prompts is None or len(prompts) == 0:
+                raise RewardInputError(f"{self.name} needs a prompt: give it a text input or use it in a sampler "
+                                       "that passes the prompt")
+            if len(prompts) == 1:
+                prompts = list(prompts) * images.shape[0]
+            if len(prompts) != images.shape[0]:
+                raise RewardInputError(f"{self.name}: {len(prompts)} prompts for {images.shape[0]} images")
+        scores = self.score(images, prompts)
+        if scores.shape != (images.shape[0],):
+            raise RuntimeError(f"{self.name} returned scores of shape {tuple(scores.shape)} "
+                               f"for {images.shape[0]} images (expected [{images.shape[0]}])")
+        return scores.float()
