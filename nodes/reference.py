@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..reference.comfy_model import (PARAMETRIZATIONS, ReferenceSpec, ReferenceVAE, build_reference_model,
                                      latent_to_image, neutral_conditioning, parse_weights, reference_spec_of)
@@ -83,7 +83,7 @@ class ReferenceExactTarget(io.ComfyNode):
                 f"E[r] under p*exp({lam:g} r) = {target['expected_reward_tilted']:.4f}\n" +
                 "\n".join(f"{n}: {p:.3f} -> {q:.3f}" for n, p, q in
                           zip(target["components"], target["base_probabilities"], target["tilted_probabilities"])))
-        return io.NodeOutput(json.dumps(target), ui=ui.PreviewText(text))
+        return io.NodeOutput(json.dumps(target), ui={"text": [text], "target": [target]})
 
 
 class TinyTestModel(io.ComfyNode):

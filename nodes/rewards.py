@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..rewards import ImageSimilarityReward, LinearColorReward
 from ..rewards.image_similarity import METRICS
@@ -82,8 +82,9 @@ class ScoreImages(io.ComfyNode):
         scores = reward(images, [prompt] if prompt else None).tolist()
         mean = sum(scores) / len(scores)
         text = f"{reward.describe()}\nmean {mean:.4f} over {len(scores)}: " + ", ".join(f"{s:.4f}" for s in scores)
+        # "text" is what the node shows; "scores" lets API clients read the numbers from /history.
         return io.NodeOutput(json.dumps({"reward": reward.describe(), "scores": scores, "mean": mean}), mean,
-                             ui=ui.PreviewText(text))
+                             ui={"text": [text], "scores": scores})
 
 
 NODES = [ColorReward, ImageSimilarity, ScoreImages]

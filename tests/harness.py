@@ -97,8 +97,13 @@ class InProcessExecutor:
     def validate(self, prompt: dict):
         return self._loop.run_until_complete(self._execution.validate_prompt(uuid.uuid4().hex, prompt, None))
 
-    def run(self, prompt: dict, fresh: bool = True):
-        """Validate and execute; returns {node_id: outputs tuple} for every executed node.  Raises on errors."""
+    def run(self, prompt: dict, fresh: bool = True, want: tuple[str, ...] = ()):
+        """Validate and execute; returns {node_id: outputs tuple} for every executed node.  Raises on errors.
+        `want`: node ids whose outputs are needed though no output node consumes them (a core
+        PreviewAny sink is attached to each, since ComfyUI only executes what leads to an output node)."""
+        prompt = dict(prompt)
+        for node_id in want:
+            prompt[f"sink_{node_id}"] = {"class_type": "PreviewAny", "inputs": {"source": [node_id, 0]}}
         valid, error, outputs, node_errors = self.validate(prompt)
         if not valid:
             raise ValueError(f"invalid prompt: {error} {node_errors}")
