@@ -54,7 +54,7 @@ class SetupError(RuntimeError):
 
 
 def log(msg: str) -> None:
-    print(f"[setup_host] {msg}", flush=True)
+    print(f"[setup_host] {msg}", file=sys.stderr, flush=True)
 
 
 def run(cmd: list[str], what: str, cwd: Path | None = None) -> str:

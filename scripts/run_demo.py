@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The main job on the embedded default: install the host if missing, start ComfyUI headless on 127.0.0.1,
+queue workflows/demo_reference.json, save the images and a summary (mean reward next to the exact answer),
+print where they are, and stop the server.
+
+    python3 scripts/run_demo.py [--output DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_client import REPO, ComfyServer, ui_to_api, validate_ui_workflow  # noqa: E402
+
+WORKFLOW = REPO / "workflows" / "demo_reference.json"
+
+
+def node_id_of(api: dict, class_type: str, title: str | None = None) -> str:
+    for node_id, node in api.items():
+        if node["class_type"] == class_type and (title is None or node["_meta"]["title"] == title):
+            return node_id
+    raise KeyError(f"the demo workflow has no {class_type} node" + (f" titled {title!r}" if title else ""))
+
+
+def summarise(history: dict, api: dict, output_dir: Path) -> dict:
+    outputs = history["outputs"]
+    images = [output_dir / img.get("subfolder", "") / img["filename"]
+              for node in outputs.values() for img in node.get("images", [])]
+    scores = outputs[node_id_of(api, "RewardSteerScoreImages")]["scores"]
+    target = outputs[node_id_of(api, "RewardSteerReferenceExactTarget")]["target"][0]
+    n = len(scores)
+    mean = sum(scores) / n
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
+    se = std / math.sqrt(n)
+    return {
+        "workflow": str(WORKFLOW.relative_to(REPO)),
+        "reward": target["reward"],
+        "plain": {"samples": n, "mean_reward": mean, "standard_error": se,
+                  "exact_expected_reward": target["expected_reward_base"],
+                  "z_score": (mean - target["expected_reward_base"]) / se if se > 0 else 0.0},
+        "steering_target": {"lambda": target["lambda"], "exact_expected_reward": target["expected_reward_tilted"],
+                            "component_probabilities": dict(zip(target["components"],
+                                                                target["tilted_probabilities"]))},
+        "images": [str(p) for p in images],
+    }
+
+
+def write_report(summary: dict, output_dir: Path) -> Path:
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    p, t = summary["plain"], summary["steering_target"]
+    lines = [
+        "# Reward steering demo (reference model, exact answers)",
+        "",
+        f"Reward: {summary['reward']}",
+        "",
+        "| run | samples | mean reward | exact expected reward |",
+        "|---|---|---|---|",
+        f"| plain sampling (KSampler euler, 30 steps) | {p['samples']} | {p['mean_reward']:.4f} ± {p['standard_error']:.4f} "
+        f"| {p['exact_expected_reward']:.4f} |",
+        f"| exact steering target p·exp({t['lambda']:g}·r) | – | – | {t['exact_expected_reward']:.4f} |",
+        "",
+        f"Images: {len(summary['images'])} files under {output_dir}",
+    ]
+    path = output_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=REPO / "demo_output", help="where images and summary go")
+    args = parser.parse_args()
+    output_dir = args.output.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    setup = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_host.py")])
+    if setup.returncode != 0:
+        return setup.returncode
+
+    started = time.time()
+    with ComfyServer(output_dir=output_dir, log_path=output_dir / "comfyui.log") as server:
+        info = server.get("/object_info", timeout=120)
+        workflow = json.loads(WORKFLOW.read_text())
+        problems = validate_ui_workflow(workflow, info)
+        if problems:
+            print("the demo workflow does not match this ComfyUI:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        api = ui_to_api(workflow, info)
+        history = server.run(api, timeout=900)
+    summary = summarise(history, api, output_dir)
+    report = write_report(summary, output_dir)
+    print(report.read_text())
+    print(f"images:  {output_dir / 'reward_steering_demo'}")
+    print(f"summary: {output_dir / 'summary.json'} and {report}")
+    print(f"(server up, run and down in {time.time() - started:.1f}s; ComfyUI log: {output_dir / 'comfyui.log'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

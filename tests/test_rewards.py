@@ -1,0 +1,126 @@
+"""Weight-free rewards give hand-computed values, validate their input, and declare what they are."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import harness
+
+
+@pytest.fixture(scope="module")
+def rw():
+    return harness.pack_submodule("rewards")
+
+
+def solid(rgb, h=4, w=6, batch=1):
+    return torch.tensor(rgb, dtype=torch.float32).view(1, 1, 1, 3).expand(batch, h, w, 3).clone()
+
+
+def test_colour_reward_channel_weights_hand_computed(rw):
+    reward = rw.LinearColorReward((1.0, 2.0, 3.0), bias=0.5)
+    img = torch.cat([solid((0.2, 0.4, 0.6)), solid((1.0, 0.0, 0.0))])
+    assert torch.allclose(reward(img), torch.tensor([0.2 + 0.8 + 1.8 + 0.5, 1.5]), atol=1e-6)
+    # half red, half black: the mean colour is (0.5, 0, 0)
+    half = torch.zeros(1, 2, 2, 3)
+    half[0, 0, :, 0] = 1.0
+    assert abs(float(reward(half)) - (0.5 + 0.5)) < 1e-6
+    assert reward.linear and reward.differentiable and not reward.needs_prompt
+
+
+def test_colour_reward_toward_colour_hand_computed(rw):
+    reward = rw.LinearColorReward.toward((1.0, 0.0, 0.0))
+    u = torch.tensor([0.5, -0.5, -0.5]) / math.sqrt(0.75)
+    for rgb in [(0.5, 0.5, 0.5), (1.0, 0.0, 0.0), (0.2, 0.9, 0.3)]:
+        expected = float((torch.tensor(rgb) - 0.5) @ u)
+        assert abs(float(reward(solid(rgb))) - expected) < 1e-6
+    assert abs(float(reward(solid((1.0, 0.0, 0.0)))) - math.sqrt(0.75)) < 1e-6
+    with pytest.raises(ValueError, match="grey"):
+        rw.LinearColorReward.toward((0.5, 0.5, 0.5))
+
+
+def test_similarity_neg_mse_and_cosine_hand_computed(rw):
+    ref = solid((0.5, 0.5, 1.0))
+    img = torch.cat([solid((0.5, 0.5, 1.0)), solid((0.0, 0.5, 1.0))])
+    mse = rw.ImageSimilarityReward(ref, "neg_mse")(img)
+    assert torch.allclose(mse, torch.tensor([0.0, -0.25 / 3]), atol=1e-7)
+    cos = rw.ImageSimilarityReward(ref, "cosine")(img)
+    # centred: ref -> (0, 0, .5); img2 -> (-.5, 0, .5): cos = .25 / (.5 * sqrt(.5))
+    assert torch.allclose(cos, torch.tensor([1.0, 0.25 / (0.5 * math.sqrt(0.5))]), atol=1e-6)
+
+
+def test_similarity_resizes_reference_and_pairs_batches(rw):
+    ref = solid((0.1, 0.2, 0.3), h=2, w=2)
+    img = solid((0.1, 0.2, 0.3), h=16, w=8, batch=3)
+    assert torch.allclose(rw.ImageSimilarityReward(ref)(img), torch.zeros(3), atol=1e-7)
+    pair = rw.ImageSimilarityReward(torch.cat([solid((0, 0, 0)), solid((1, 1, 1))]))
+    out = pair(torch.cat([solid((0, 0, 0)), solid((0, 0, 0))]))
+    assert torch.allclose(out, torch.tensor([0.0, -1.0]))
+    with pytest.raises(rw.RewardInputError, match="2 reference images for 3 images"):
+        pair(img)
+
+
+def test_bad_images_get_clear_errors_and_alpha_is_dropped(rw):
+    reward = rw.LinearColorReward((1.0, 1.0, 1.0))
+    rgba = torch.cat([solid((0.2, 0.2, 0.2)), torch.zeros(1, 4, 6, 1)], dim=-1)
+    assert abs(float(reward(rgba)) - 0.6) < 1e-6
+    grey = torch.full((1, 4, 4, 1), 0.5)
+    assert abs(float(reward(grey)) - 1.5) < 1e-6
+    with pytest.raises(rw.RewardInputError, match="empty"):
+        reward(torch.zeros(0, 4, 4, 3))
+    with pytest.raises(rw.RewardInputError, match=r"\[B, H, W, C\]"):
+        reward(torch.zeros(4, 4))
+    with pytest.raises(rw.RewardInputError, match="channels"):
+        reward(torch.zeros(1, 4, 4, 5))
+
+
+def test_differentiable_rewards_pass_gradients(rw):
+    for reward in [rw.LinearColorReward((1.0, -1.0, 0.0)), rw.ImageSimilarityReward(solid((0.3, 0.3, 0.3)))]:
+        assert reward.differentiable
+        img = torch.rand(2, 4, 4, 3, requires_grad=True)
+        reward(img).sum().backward()
+        assert img.grad is not None and img.grad.abs().sum() > 0
+
+
+def test_prompt_needing_reward_refuses_missing_prompt(rw):
+    class NeedsPrompt(rw.Reward):
+        name = "needs-prompt"
+        needs_prompt = True
+
+        def score(self, images, prompts):
+            return torch.tensor([float(len(p)) for p in prompts])
+
+    r = NeedsPrompt()
+    with pytest.raises(rw.RewardInputError, match="needs a prompt"):
+        r(torch.zeros(2, 2, 2, 3))
+    assert r(torch.zeros(2, 2, 2, 3), ["ab"]).tolist() == [2.0, 2.0]   # one prompt serves the batch
+    with pytest.raises(rw.RewardInputError, match="3 prompts for 2 images"):
+        r(torch.zeros(2, 2, 2, 3), ["a", "b", "c"])
+
+
+def test_score_node_through_executor(executor):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 2, "color": 0xFF0000}},
+        "2": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "channel weights", "red": 2.0, "green": 1.0, "blue": 1.0, "bias": -0.5}},
+        "3": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["1", 0], "reward": ["2", 0]}},
+    }
+    executor.run(prompt)
+    ui = executor.history["outputs"]["3"]
+    assert ui["scores"] == pytest.approx([1.5, 1.5], abs=1e-6)
+    assert "mean 1.5000" in ui["text"][0]
+
+
+def test_bad_widget_value_is_a_readable_error_not_a_lost_queue(executor):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "toward colour", "red": 2.0, "green": 0.0, "blue": 0.0, "bias": 0.0}},
+        "3": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["1", 0], "reward": ["2", 0]}},
+    }
+    with pytest.raises(RuntimeError, match="colour component in 0..1"):
+        executor.run(prompt)
+    # the executor is still usable afterwards
+    prompt["2"]["inputs"]["red"] = 1.0
+    executor.run(prompt)
