@@ -210,3 +210,39 @@ def test_tiny_unet_runs_real_sd15_code_deterministically(executor):
     model = executor.node_classes["RewardSteerTinyTestModel"].execute(0, "x")[0]
     assert type(model.model.diffusion_model).__name__ == "UNetModel"
     assert isinstance(model.model, comfy.model_base.BaseModel)
+
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+def test_samplercustom_and_advanced_run_the_reference_model_like_ksampler(executor, parametrization):
+    """The same seed, sampler and sigmas through KSampler, SamplerCustom and SamplerCustomAdvanced give the same
+    samples: the reference model needs nothing special from any of ComfyUI's sampling entry points."""
+    model = {"class_type": "RewardSteerReferenceModel",
+             "inputs": {"parametrization": parametrization, "components": 8, "spread": 0.1, "weights": ""}}
+    latent = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}}
+    prompt = {
+        "1": model, "2": latent,
+        "3": {"class_type": "KSampler",
+              "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0],
+                         "seed": 9, "steps": 12, "cfg": 2.0, "sampler_name": "heun", "scheduler": "karras",
+                         "denoise": 1.0}},
+        "4": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "heun"}},
+        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 12,
+                                                         "denoise": 1.0}},
+        "6": {"class_type": "SamplerCustom",
+              "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 9, "cfg": 2.0, "positive": ["1", 2],
+                         "negative": ["1", 2], "sampler": ["4", 0], "sigmas": ["5", 0], "latent_image": ["2", 0]}},
+        "7": {"class_type": "RandomNoise", "inputs": {"noise_seed": 9}},
+        "8": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2],
+                                                    "cfg": 2.0}},
+        "9": {"class_type": "SamplerCustomAdvanced",
+              "inputs": {"noise": ["7", 0], "guider": ["8", 0], "sampler": ["4", 0], "sigmas": ["5", 0],
+                         "latent_image": ["2", 0]}},
+    }
+    out = executor.run(prompt, want=("3", "6", "9"))
+    a, b, c = (out[k][0][0]["samples"] for k in ("3", "6", "9"))
+    assert torch.isfinite(a).all() and a.shape == (4, 3, 8, 8)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    # and they are real samples: every one sits on a picture
+    mix = harness.pack_submodule("reference.comfy_model").ReferenceSpec().mixture(8, 8)
+    resid = (a - mix.means[mix.classify(a)]).reshape(4, -1).pow(2).mean(1).sqrt()
+    assert (resid < 0.2).all()
