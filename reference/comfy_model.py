@@ -63,10 +63,6 @@ class ReferenceSpec:
         if not self.spread > 0:
             raise ValueError(f"spread must be > 0, got {self.spread}")
 
-    @property
-    def flow(self) -> bool:
-        return self.parametrization == "flow"
-
     def mixture(self, height: int, width: int) -> GaussianMixture:
         """The mixture in latent space at a latent size of height x width."""
         return _mixture(self, height, width)
