@@ -1,0 +1,66 @@
+"""The stochastic step shared by the steering samplers: a reverse SDE with the same marginals as the PF-ODE.
+
+Write the state as x = alpha(sigma) x0 + sigma eps, with alpha = 1 (eps / v models) or 1 - sigma (flow: SD3,
+Flux).  y = x / alpha is then a variance-exploding state with noise level lam = sigma / alpha.  In y, Sampling
+Demons' SDE is  dy = (1 + beta lam) eps_hat dlam + sqrt(2 beta) lam dW  (eps_hat = (y - D) / lam, integrated
+from lam down), which keeps the PF-ODE's marginals for any beta.  Holding D fixed over a step, its linear part
+integrates exactly:
+    y' = D + (lam'/lam) e^{-beta (lam - lam')} (y - D) + lam' sqrt(1 - e^{-2 beta (lam - lam')}) z,
+and mapping back to x:
+    x' = alpha' D + (sigma'/sigma) e^{-beta dlam} (x - alpha D) + sigma' sqrt(1 - e^{-2 beta dlam}) z.
+This agrees with Demon's Euler-Maruyama step to first order, is stable for any step size (zero-terminal-SNR
+schedules have sigma_max in the thousands), equals ComfyUI's Euler step at beta = 0, and lands on D at
+sigma' = 0.  Flow models get the correct SDE for x = (1 - sigma) x0 + sigma eps through alpha; reusing the
+variance-exploding formula on them would change the sampled law.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import trange
+
+import comfy.model_sampling
+
+
+def uses_flow(model) -> bool:
+    """True for flow (CONST: SD3, Flux) models.  `model` is what ComfyUI passes to a sampler function."""
+    model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def sde_step(x, denoised, sigma, sigma_next, noise, beta: float, flow: bool):
+    """One reverse-SDE step from sigma to sigma_next (floats or per-item tensors); see the module docstring."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(shape)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float64, device=x.device).reshape(shape)
+    alpha, alpha_next = (1.0 - sigma, 1.0 - sigma_next) if flow else (torch.ones_like(sigma),) * 2
+    if beta > 0:
+        d_lam = sigma / alpha - sigma_next / alpha_next   # inf at flow's sigma = 1: full refresh, as it should be
+        decay = torch.exp(-beta * d_lam)
+        fresh = torch.sqrt(-torch.expm1(-2.0 * beta * d_lam))
+    else:
+        decay, fresh = torch.ones_like(sigma), torch.zeros_like(sigma)
+    keep = (sigma_next / sigma) * decay
+    out = alpha_next * denoised.double() + keep * (x.double() - alpha * denoised.double()) \
+        + sigma_next * fresh * noise.double()
+    return out.to(x.dtype)
+
+
+def noise_generator(extra_args: dict, offset: int = 0) -> torch.Generator:
+    """A dedicated CPU generator seeded from the prompt's seed: same workflow + seed => same noises."""
+    return torch.Generator(device="cpu").manual_seed(int(extra_args.get("seed", 0)) + offset)
+
+
+@torch.no_grad()
+def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, beta: float = 0.1):
+    """Plain SDE sampling with the shared step: the unsteered baseline of the steering samplers (Demon with K=1)."""
+    extra_args = {} if extra_args is None else extra_args
+    flow = uses_flow(model)
+    generator = noise_generator(extra_args)
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
+        x = sde_step(x, denoised, sigmas[i], sigmas[i + 1], noise, beta, flow)
+    return x
