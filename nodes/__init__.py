@@ -13,6 +13,7 @@ LOG_PREFIX = "[reward-steering]"
 NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ()),
     ("rewards", ()),
+    ("demon", ()),
 ]
 
 

@@ -8,6 +8,7 @@ import harness
 EXPECTED_NODE_IDS = {
     "RewardSteerReferenceModel", "RewardSteerReferenceExactTarget", "RewardSteerTinyTestModel",
     "RewardSteerColorReward", "RewardSteerImageSimilarityReward", "RewardSteerScoreImages",
+    "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
 }
 
 

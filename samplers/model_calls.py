@@ -1,0 +1,88 @@
+"""Batched, memory-chunked model calls over many candidates, with compute accounting.
+
+Candidates of a batch of B items are laid out candidate-major: x_all = [cand_1 of items 1..B, cand_2 of items
+1..B, ...], i.e. x.repeat(K, ...) order.  ComfyUI tiles a batch-B conditioning to any batch the same way, so
+every chunk that is a multiple of B keeps each item aligned with its own prompt.  ComfyUI never splits one
+cond's batch, so the chunking by free memory happens here.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+
+
+@dataclass
+class ComputeCounter:
+    """Work done, in items (one item = one latent through the model / the VAE / the reward)."""
+    batch: int = 1
+    model_items: int = 0
+    decode_items: int = 0
+    reward_items: int = 0
+    model_batches: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def per_image(self) -> dict:
+        b = max(1, self.batch)
+        return {"model_calls_per_image": self.model_items / b, "decodes_per_image": self.decode_items / b,
+                "reward_calls_per_image": self.reward_items / b, "batched_model_calls": self.model_batches}
+
+
+def base_model_of(model):
+    """The BaseModel behind what ComfyUI passes to a sampler function (KSamplerX0Inpaint -> CFGGuider -> model)."""
+    return model.inner_model.inner_model
+
+
+def items_per_call(model, x_item_shape, batch: int, max_items: int = 0) -> int:
+    """How many items fit one model call: a multiple of `batch`, from free device memory (or `max_items`)."""
+    if max_items > 0:
+        return max(batch, (max_items // batch) * batch)
+    base = base_model_of(model)
+    device = model.inner_model.model_patcher.load_device
+    per_item = base.memory_required([1] + list(x_item_shape)) * 2  # cond and uncond run together under CFG
+    free = comfy.model_management.get_free_memory(device)
+    fit = int(free * 0.8 // max(per_item, 1))
+    return max(batch, (fit // batch) * batch)
+
+
+@contextmanager
+def tiled_inpaint_state(model, extra_args: dict, repeats: int):
+    """ComfyUI's inpainting wrapper blends with its own batch-B latent, noise and mask; tile them to repeats*B."""
+    if repeats == 1:
+        yield extra_args
+        return
+    saved = {name: getattr(model, name, None) for name in ("latent_image", "noise")}
+    args = dict(extra_args)
+    try:
+        for name, value in saved.items():
+            if torch.is_tensor(value) and value.shape[0] > 1:
+                setattr(model, name, value.repeat(repeats, *([1] * (value.ndim - 1))))
+        mask = args.get("denoise_mask")
+        if torch.is_tensor(mask) and mask.shape[0] > 1:
+            args["denoise_mask"] = mask.repeat(repeats, *([1] * (mask.ndim - 1)))
+        yield args
+    finally:
+        for name, value in saved.items():
+            if value is not None:
+                setattr(model, name, value)
+
+
+def denoise(model, x, sigma, extra_args: dict, batch: int, chunk_items: int, counter: ComputeCounter):
+    """D(x, sigma) for x holding n*batch items (candidate-major), in chunks of chunk_items (a multiple of batch).
+    sigma: a float or a tensor with one value per item."""
+    n = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(n)
+    out = torch.empty_like(x)
+    for start in range(0, n, chunk_items):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        stop = min(n, start + chunk_items)
+        with tiled_inpaint_state(model, extra_args, (stop - start) // batch) as args:
+            out[start:stop] = model(x[start:stop], sigma[start:stop], **args)
+        counter.model_items += stop - start
+        counter.model_batches += 1
+    return out

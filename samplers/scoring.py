@@ -1,0 +1,53 @@
+"""Decode-and-score: latent x0 estimates -> images through a VAE -> rewards.  Shared by every steering sampler."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .model_calls import ComputeCounter, base_model_of
+
+
+class SteeringInputError(ValueError):
+    """A steering sampler was given inputs that cannot work together; the message names the input."""
+
+
+def check_vae_matches(vae, latent_channels: int) -> None:
+    vae_channels = getattr(vae, "latent_channels", None)
+    if vae_channels is not None and vae_channels != latent_channels:
+        raise SteeringInputError(f"the VAE decodes {vae_channels}-channel latents but this model's latents have "
+                                 f"{latent_channels} channels: connect the VAE that belongs to the model "
+                                 "(or a matching TAESD)")
+
+
+def make_latent_scorer(vae, reward, prompts: list[str] | None = None):
+    """score(model, x0, batch, counter) -> float32 rewards [n] (on the CPU) for n = k*batch candidate-major x0."""
+
+    def score(model, x0: torch.Tensor, batch: int, counter: ComputeCounter) -> torch.Tensor:
+        check_vae_matches(vae, x0.shape[1])
+        latent = base_model_of(model).process_latent_out(x0)
+        images = vae.decode(latent)
+        if images.ndim == 5:  # video VAEs: frames into the batch
+            images = images.reshape(-1, *images.shape[-3:])
+        counter.decode_items += x0.shape[0]
+        item_prompts = None
+        if prompts:
+            item_prompts = (list(prompts) * batch)[:batch] if len(prompts) == 1 else list(prompts)
+            if len(item_prompts) != batch:
+                raise SteeringInputError(f"{len(item_prompts)} prompts for a batch of {batch}")
+            item_prompts = item_prompts * (x0.shape[0] // batch)
+        scores = reward(images, item_prompts).detach().float().cpu()
+        counter.reward_items += x0.shape[0]
+        return scores
+
+    return score
+
+
+def finite_or_flat(scores: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores with non-finite entries zeroed, per-column flag 'all finite') for scores [K, B].  Columns with a
+    NaN / inf get a warning; the caller gives them equal weights instead of crashing."""
+    ok = torch.isfinite(scores).all(dim=0)
+    if not bool(ok.all()):
+        logging.warning("[reward-steering] %s returned NaN/inf rewards for batch item(s) %s; using equal weights "
+                        "for them at this step", what, torch.nonzero(~ok).flatten().tolist())
+    return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)), ok
