@@ -113,7 +113,8 @@ class KSamplerDemon(io.ComfyNode):
         out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, latent_image)
         summary = recorder.summary or {}
         plot = plot_trace(summary.get("trace", []), f"Demon: reward per step ({steering['reward'].describe()})")
-        return io.NodeOutput(out, recorder.json(), plot)
+        totals = {key: value for key, value in summary.items() if key != "trace"}
+        return io.NodeOutput(out, recorder.json(), plot, ui={"demon": [totals]})
 
 
 NODES = [DemonSampler, KSamplerDemon]

@@ -17,8 +17,14 @@ from comfy_client import REPO, ComfyServer, api_to_ui  # noqa: E402
 DEMO_LAMBDA = 10.0
 
 
+DEMON_DEFAULTS = {"k": 16, "beta": 0.1, "weighting": "tanh", "tau": 0.0, "estimator": "tweedie",
+                  "max_rollout_steps": 20, "min_sigma": 0.0, "start": 0.0, "end": 1.0, "chunk_items": 0,
+                  "budget": 0, "prompt": ""}
+
+
 def demo_reference() -> dict:
-    """Plain sampling of the reference model, scored by a weight-free colour reward, with the exact target."""
+    """Plain sampling vs Demon on the reference model, same seed, scored by a weight-free colour reward,
+    next to the exact target."""
     return {
         "1": {"class_type": "RewardSteerReferenceModel", "_meta": {"title": "Reference Model (exact)"},
               "inputs": {"parametrization": "eps", "components": 8, "spread": 0.1, "weights": ""}},
@@ -35,10 +41,85 @@ def demo_reference() -> dict:
               "inputs": {"images": ["4", 0], "reward": ["6", 0], "prompt": ""}},
         "8": {"class_type": "RewardSteerReferenceExactTarget", "_meta": {"title": "Exact target"},
               "inputs": {"model": ["1", 0], "reward": ["6", 0], "latent": ["2", 0], "lam": DEMO_LAMBDA}},
+        "9": {"class_type": "RewardSteerKSamplerDemon", "_meta": {"title": "KSampler (Demon)"},
+              "inputs": {"model": ["1", 0], "seed": 42, "steps": 30, "cfg": 1.0, "scheduler": "normal",
+                         "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                         "reward": ["6", 0], "vae": ["1", 1], **DEMON_DEFAULTS}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 1]}},
+        "11": {"class_type": "SaveImage",
+               "inputs": {"images": ["10", 0], "filename_prefix": "reward_steering_demo/demon"}},
+        "12": {"class_type": "RewardSteerScoreImages", "_meta": {"title": "Score Demon samples"},
+               "inputs": {"images": ["10", 0], "reward": ["6", 0], "prompt": ""}},
+        "13": {"class_type": "SaveImage",
+               "inputs": {"images": ["9", 2], "filename_prefix": "reward_steering_demo/demon_trace"}},
     }
 
 
-WORKFLOWS = {"demo_reference.json": demo_reference}
+def _text_to_image_demon(checkpoint: str, size: int, steps: int, cfg: float, k: int) -> dict:
+    """Checkpoint loader + prompts + KSampler (Demon) + a weight-free reward: the SD1.5 / SDXL examples."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "_meta": {"title": "Positive"},
+              "inputs": {"clip": ["1", 1], "text": "a cozy cabin in a snowy forest at sunset, warm light"}},
+        "3": {"class_type": "CLIPTextEncode", "_meta": {"title": "Negative"},
+              "inputs": {"clip": ["1", 1], "text": "blurry, low quality"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "RewardSteerColorReward", "_meta": {"title": "Reward: warmer colours"},
+              "inputs": {"mode": "toward colour", "red": 1.0, "green": 0.6, "blue": 0.2, "bias": 0.0}},
+        "6": {"class_type": "RewardSteerKSamplerDemon",
+              "inputs": {"model": ["1", 0], "seed": 0, "steps": steps, "cfg": cfg, "scheduler": "karras",
+                         "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
+                         "reward": ["5", 0], "vae": ["1", 2], **{**DEMON_DEFAULTS, "k": k, "min_sigma": 0.11}}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "demon"}},
+        "9": {"class_type": "PreviewImage", "_meta": {"title": "Reward per step"}, "inputs": {"images": ["6", 2]}},
+        "10": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["7", 0], "reward": ["5", 0],
+                                                                  "prompt": ""}},
+    }
+
+
+def example_sd15_demon() -> dict:
+    return _text_to_image_demon("v1-5-pruned-emaonly.safetensors", 512, 30, 7.0, 8)
+
+
+def example_sdxl_demon() -> dict:
+    return _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 8)
+
+
+def example_flux_demon() -> dict:
+    """Flux (a flow model): separate loaders, FluxGuidance, and the Demon SAMPLER in SamplerCustomAdvanced."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                         "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                         "device": "default"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0],
+                                                         "text": "a lighthouse on a cliff, golden hour, photo"}},
+        "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}},
+        "6": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["5", 0]}},
+        "7": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 20,
+                                                         "denoise": 1.0}},
+        "9": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "10": {"class_type": "RewardSteerColorReward", "_meta": {"title": "Reward: warmer colours"},
+               "inputs": {"mode": "toward colour", "red": 1.0, "green": 0.6, "blue": 0.2, "bias": 0.0}},
+        "11": {"class_type": "RewardSteerDemonSampler",
+               "inputs": {"reward": ["10", 0], "vae": ["3", 0], **{**DEMON_DEFAULTS, "k": 8, "end": 0.6}}},
+        "12": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["7", 0], "guider": ["6", 0],
+                                                                 "sampler": ["11", 0], "sigmas": ["8", 0],
+                                                                 "latent_image": ["9", 0]}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["3", 0]}},
+        "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "flux_demon"}},
+    }
+
+
+WORKFLOWS = {
+    "demo_reference.json": demo_reference,
+    "example_sd15_demon.json": example_sd15_demon,
+    "example_sdxl_demon.json": example_sdxl_demon,
+    "example_flux_demon.json": example_flux_demon,
+}
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The main job on the embedded default: install the host if missing, start ComfyUI headless on 127.0.0.1,
-queue workflows/demo_reference.json, save the images and a summary (mean reward next to the exact answer),
+queue workflows/demo_reference.json (plain sampling vs the Demon sampler), save the images and a summary
+(mean rewards next to the exact answers),
 print where they are, and stop the server.
 
     python3 scripts/run_demo.py [--output DIR]
@@ -29,44 +30,59 @@ def node_id_of(api: dict, class_type: str, title: str | None = None) -> str:
     raise KeyError(f"the demo workflow has no {class_type} node" + (f" titled {title!r}" if title else ""))
 
 
+def score_summary(scores: list[float]) -> dict:
+    n = len(scores)
+    mean = sum(scores) / n
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
+    return {"samples": n, "mean_reward": mean, "standard_error": std / math.sqrt(n)}
+
+
 def summarise(history: dict, api: dict, output_dir: Path) -> dict:
     outputs = history["outputs"]
     images = [output_dir / img.get("subfolder", "") / img["filename"]
               for node in outputs.values() for img in node.get("images", [])]
-    scores = outputs[node_id_of(api, "RewardSteerScoreImages")]["scores"]
+    plain = score_summary(outputs[node_id_of(api, "RewardSteerScoreImages", "Score plain samples")]["scores"])
+    demon = score_summary(outputs[node_id_of(api, "RewardSteerScoreImages", "Score Demon samples")]["scores"])
+    demon_node = node_id_of(api, "RewardSteerKSamplerDemon")
+    demon["compute"] = outputs[demon_node]["demon"][0]
+    demon["settings"] = {k: api[demon_node]["inputs"][k] for k in ("k", "beta", "weighting", "estimator", "steps")}
     target = outputs[node_id_of(api, "RewardSteerReferenceExactTarget")]["target"][0]
-    n = len(scores)
-    mean = sum(scores) / n
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, n - 1))
-    se = std / math.sqrt(n)
+    plain["exact_expected_reward"] = target["expected_reward_base"]
+    plain["z_score"] = ((plain["mean_reward"] - target["expected_reward_base"]) / plain["standard_error"]
+                        if plain["standard_error"] > 0 else 0.0)
     return {
         "workflow": str(WORKFLOW.relative_to(REPO)),
         "reward": target["reward"],
-        "plain": {"samples": n, "mean_reward": mean, "standard_error": se,
-                  "exact_expected_reward": target["expected_reward_base"],
-                  "z_score": (mean - target["expected_reward_base"]) / se if se > 0 else 0.0},
-        "steering_target": {"lambda": target["lambda"], "exact_expected_reward": target["expected_reward_tilted"],
-                            "component_probabilities": dict(zip(target["components"],
-                                                                target["tilted_probabilities"]))},
+        "plain": plain,
+        "demon": demon,
+        "exact": {"expected_reward_plain": target["expected_reward_base"],
+                  "best_component_reward": max(target["component_rewards"]),
+                  "lambda": target["lambda"], "expected_reward_tilted": target["expected_reward_tilted"],
+                  "tilted_component_probabilities": dict(zip(target["components"],
+                                                             target["tilted_probabilities"]))},
         "images": [str(p) for p in images],
     }
 
 
 def write_report(summary: dict, output_dir: Path) -> Path:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    p, t = summary["plain"], summary["steering_target"]
+    p, d, e = summary["plain"], summary["demon"], summary["exact"]
     lines = [
         "# Reward steering demo (reference model, exact answers)",
         "",
         f"Reward: {summary['reward']}",
         "",
-        "| run | samples | mean reward | exact expected reward |",
+        "| run | samples | mean reward | model calls / image |",
         "|---|---|---|---|",
-        f"| plain sampling (KSampler euler, 30 steps) | {p['samples']} | {p['mean_reward']:.4f} ± {p['standard_error']:.4f} "
-        f"| {p['exact_expected_reward']:.4f} |",
-        f"| exact steering target p·exp({t['lambda']:g}·r) | – | – | {t['exact_expected_reward']:.4f} |",
+        f"| plain sampling (KSampler euler, 30 steps) | {p['samples']} | {p['mean_reward']:.4f} ± "
+        f"{p['standard_error']:.4f} | 30 |",
+        f"| KSampler (Demon), K={d['settings']['k']}, {d['settings']['estimator']} | {d['samples']} | "
+        f"{d['mean_reward']:.4f} ± {d['standard_error']:.4f} | {d['compute']['model_calls_per_image']:.0f} |",
         "",
-        f"Images: {len(summary['images'])} files under {output_dir}",
+        f"Exact answers: E[r] under the model = {e['expected_reward_plain']:.4f}; best picture's reward = "
+        f"{e['best_component_reward']:.4f}; E[r] under p·exp({e['lambda']:g}·r) = {e['expected_reward_tilted']:.4f}.",
+        "",
+        f"Images: {len(summary['images'])} files under {output_dir} (plain_*, demon_*, demon_trace_*)",
     ]
     path = output_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")

@@ -283,3 +283,38 @@ def test_interrupt_stops_the_run_and_the_queue_continues(executor):
     assert any(m[0] == "execution_interrupted" for m in executor.executor.status_messages)
     assert calls["n"] < 19          # it stopped early, not at the end
     run_scores(executor, ksampler_demon_prompt("eps", batch=1, k=2))   # and the next prompt runs
+
+
+def test_inpainting_mask_and_img2img_with_batch_of_two(executor):
+    """denoise < 1 from an encoded image, with a noise mask on the left half and B = 2 (the inpainting wrapper's
+    batch-B latent and mask are tiled to K*B): the unmasked half comes back exactly as it went in."""
+    prompt = {
+        "1": {"class_type": "RewardSteerReferenceModel",
+              "inputs": {"parametrization": "eps", "components": 8, "spread": 0.1, "weights": ""}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 1]}},
+        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 0, "y": 0,
+                                                        "operation": "add"}},
+        "7": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["3", 0], "mask": ["6", 0]}},
+        "8": {"class_type": "RewardSteerColorReward", "inputs": dict(RED)},
+        "9": {"class_type": "RewardSteerKSamplerDemon",
+              "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["7", 0],
+                         "seed": 2, "steps": 12, "cfg": 1.0, "scheduler": "normal", "denoise": 0.6,
+                         "reward": ["8", 0], "vae": ["1", 1], **demon_inputs(k=4)}},
+    }
+    out = executor.run(prompt, want=("3", "9"))
+    original, result = out["3"][0][0]["samples"], out["9"][0][0]["samples"]
+    assert result.shape == (2, 3, 8, 8)
+    assert torch.allclose(result[..., 4:], original[..., 4:], atol=1e-5)   # outside the mask: untouched
+    assert (result[..., :4] - original[..., :4]).abs().max() > 0.05         # inside: resampled
+
+
+def test_step_statistics_are_shown_on_the_node(executor):
+    run_scores(executor, ksampler_demon_prompt("eps", batch=1, k=2, steps=5))
+    texts = [m[1] for m in executor.messages if isinstance(m[1], (bytes, bytearray))]
+    decoded = [t.decode("utf-8", errors="replace") for t in texts]
+    assert any("candidate reward mean" in t for t in decoded)
+    assert any("model calls" in t for t in decoded)
+    assert len(executor.progress) >= 5   # the progress bar moved every step (and checked for interrupts)

@@ -103,13 +103,20 @@ def test_demo_workflow_over_http_produces_images_and_scores(server):
     history = server.run(api, timeout=300)
     outputs = history["outputs"]
     images = [img for node in outputs.values() for img in node.get("images", [])]
-    assert len(images) == 16
-    first = Path(server.output_dir) / images[0]["subfolder"] / images[0]["filename"]
+    plain = [img for img in images if img["filename"].startswith("plain")]
+    demon = [img for img in images if img["filename"].startswith("demon_0")]
+    assert len(plain) == 16 and len(demon) == 16
+    first = Path(server.output_dir) / demon[0]["subfolder"] / demon[0]["filename"]
     from PIL import Image
     with Image.open(first) as im:
         assert im.size == (256, 256)
-    scores_node = next(k for k, v in api.items() if v["class_type"] == "RewardSteerScoreImages")
-    assert len(outputs[scores_node]["scores"]) == 16
+    score_nodes = {v["_meta"]["title"]: k for k, v in api.items() if v["class_type"] == "RewardSteerScoreImages"}
+    scores_node = score_nodes["Score plain samples"]
+    plain_scores = outputs[score_nodes["Score plain samples"]]["scores"]
+    demon_scores = outputs[score_nodes["Score Demon samples"]]["scores"]
+    assert len(plain_scores) == 16 and len(demon_scores) == 16
+    # Demon, through the real server, raises the reward well beyond plain sampling
+    assert sum(demon_scores) / 16 > sum(plain_scores) / 16 + 0.05
     # same workflow + same seed => same images, recomputed from scratch (caches dropped via /free)
     server.post("/free", {"free_memory": True, "unload_models": True})
     time.sleep(1.5)
@@ -128,3 +135,35 @@ def test_bad_input_over_http_reports_and_keeps_the_queue(server):
     api["1"]["inputs"]["weights"] = ""
     api["2"]["inputs"]["batch_size"] = 2
     assert server.run(api, timeout=300)["outputs"]
+
+
+def test_demon_sampler_node_and_tiny_unet_over_http(server):
+    steer = dict(build_workflows.DEMON_DEFAULTS, k=4)
+    prompt = {
+        "1": {"class_type": "RewardSteerReferenceModel",
+              "inputs": {"parametrization": "flow", "components": 8, "spread": 0.1, "weights": ""}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "3": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}},
+        "4": {"class_type": "RewardSteerDemonSampler", "inputs": {"reward": ["3", 0], "vae": ["1", 1], **steer}},
+        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 12,
+                                                         "denoise": 1.0}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "7": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["1", 2]}},
+        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
+                                                                "sampler": ["4", 0], "sigmas": ["5", 0],
+                                                                "latent_image": ["2", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 1]}},
+        "10": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["9", 0], "reward": ["3", 0]}},
+        # the tiny real UNet through the all-in-one node
+        "11": {"class_type": "RewardSteerTinyTestModel", "inputs": {"seed": 0, "prompt": "a red apple"}},
+        "12": {"class_type": "RewardSteerKSamplerDemon",
+               "inputs": {"model": ["11", 0], "seed": 3, "steps": 4, "cfg": 2.0, "scheduler": "karras",
+                          "positive": ["11", 2], "negative": ["11", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                          "reward": ["3", 0], "vae": ["11", 1], **steer}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["11", 1]}},
+        "14": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["13", 0], "reward": ["3", 0]}},
+    }
+    outputs = server.run(prompt, timeout=300)["outputs"]
+    assert len(outputs["10"]["scores"]) == 4 and len(outputs["14"]["scores"]) == 4
+    assert outputs["12"]["demon"][0]["k"] == 4
