@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from .model_calls import ComputeCounter, denoise
 

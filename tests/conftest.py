@@ -3,7 +3,6 @@ name ComfyUI gives it (so classes are shared with the executor), and fixtures fo
 a real server.  Run via the README's test command (scripts/test.sh), which installs the host first."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

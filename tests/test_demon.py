@@ -241,7 +241,6 @@ def test_steering_window_and_bad_inputs_give_clear_errors(executor):
 
 
 def test_nan_rewards_warn_and_fall_back_to_equal_weights(caplog):
-    demon = harness.pack_submodule("samplers.demon")
     scoring = harness.pack_submodule("samplers.scoring")
     scores = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
     clean, ok = scoring.finite_or_flat(scores, "test reward")
@@ -318,3 +317,17 @@ def test_step_statistics_are_shown_on_the_node(executor):
     assert any("candidate reward mean" in t for t in decoded)
     assert any("model calls" in t for t in decoded)
     assert len(executor.progress) >= 5   # the progress bar moved every step (and checked for interrupts)
+
+
+def test_nan_rewards_do_not_lose_the_run(executor, caplog):
+    """A reward that returns NaN for every candidate: the run completes with finite latents (equal weights)."""
+    rewards = harness.pack_submodule("rewards")
+    original = rewards.LinearColorReward.score
+    rewards.LinearColorReward.score = lambda self, images, prompts=None: torch.full((images.shape[0],), float("nan"))
+    try:
+        with caplog.at_level("WARNING"):
+            out = executor.run(ksampler_demon_prompt("flow", batch=2, k=3, steps=6), want=("3",))
+    finally:
+        rewards.LinearColorReward.score = original
+    assert torch.isfinite(out["3"][0][0]["samples"]).all()
+    assert any("NaN/inf rewards" in r.getMessage() for r in caplog.records)
