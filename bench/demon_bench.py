@@ -116,6 +116,12 @@ def reward_vs_calls(images: int, quick: bool) -> dict:
                 patcher, reward, images, 3, 30, "normal", k=k, beta=0.1, weighting="boltzmann"))
         timed("demon ode tanh K4 T30 (rollout<=20)", "demon ode tanh", lambda: run_demon(
             patcher, reward, images, 3, 30, "normal", k=4, beta=0.1, estimator="ode", max_rollout_steps=20))
+        # The paper's window (sigma >= 0.11) assumes SD's sigma_max of 14.6; with this model's zero-terminal-SNR
+        # schedule the first ~60% of a Karras grid sits at sigma > 50, where every candidate is noise.  Skipping
+        # those steps keeps the ODE estimator where it pays.
+        timed("demon ode tanh K16 T64 steps 60-100% (rollout<=10)", "demon ode tanh (late window)",
+              lambda: run_demon(patcher, reward, images, 5, 64, "karras", k=16, beta=0.1, min_sigma=0.11,
+                                start=0.6, estimator="ode", max_rollout_steps=10))
         for k in ([4] if quick else [4, 8]):
             timed(f"demon tweedie tanh K{k} T15", "demon tweedie tanh (15 steps)", lambda k=k: run_demon(
                 patcher, reward, images, 4, 15, "normal", k=k, beta=0.1))
@@ -141,9 +147,11 @@ def verdicts(results: dict) -> dict:
     out = {}
     for reward_name, rows in results.items():
         paper = next(r for r in rows if r["family"] == "paper")
+        # "reaches" = not significantly below: within two combined standard errors of the paper default
         cheap = [r for r in rows if r["family"].startswith("demon")
                  and r["model_calls_per_image"] <= paper["model_calls_per_image"] / 10
-                 and r["mean_reward"] >= paper["mean_reward"] - paper["standard_error"]]
+                 and r["mean_reward"] >= paper["mean_reward"]
+                 - 2 * math.hypot(paper["standard_error"], r["standard_error"])]
         beats = []
         for r in rows:
             if r["family"].startswith("demon"):
@@ -229,7 +237,8 @@ def plot(results: dict, path: Path) -> None:
     draw = ImageDraw.Draw(img)
     colours = {"paper": (200, 0, 0), "best-of-N": (100, 100, 100), "demon tweedie tanh": (31, 119, 180),
                "demon tweedie boltzmann": (44, 160, 44), "demon ode tanh": (148, 103, 189),
-               "demon tweedie tanh (paper schedule)": (255, 127, 14), "demon tweedie tanh (15 steps)": (23, 190, 207)}
+               "demon tweedie tanh (paper schedule)": (255, 127, 14), "demon tweedie tanh (15 steps)": (23, 190, 207),
+               "demon ode tanh (late window)": (140, 86, 75)}
     for panel, (reward_name, rows) in enumerate(results.items()):
         left, right = 70 + panel * 600, 560 + panel * 600
         top, bottom = 40, height - 90
