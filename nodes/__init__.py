@@ -14,6 +14,7 @@ NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ()),
     ("rewards", ()),
     ("demon", ()),
+    ("smc", ()),
 ]
 
 

@@ -20,8 +20,21 @@ def check_vae_matches(vae, latent_channels: int) -> None:
                                  "(or a matching TAESD)")
 
 
-def make_latent_scorer(vae, reward, prompts: list[str] | None = None):
-    """score(model, x0, batch, counter) -> float32 rewards [n] (on the CPU) for n = k*batch candidate-major x0."""
+def _item_prompts(prompts, batch: int, n: int):
+    if not prompts:
+        return None
+    per_item = (list(prompts) * batch)[:batch] if len(prompts) == 1 else list(prompts)
+    if len(per_item) != batch:
+        raise SteeringInputError(f"{len(per_item)} prompts for a batch of {batch}")
+    return per_item * (n // batch)
+
+
+def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differentiable: bool = False):
+    """score(model, x0, batch, counter) -> float32 rewards [n] for n = k*batch candidate-major x0: detached on the
+    CPU, or (differentiable=True) on x0's device with the graph back to x0, for gradient-guided proposals."""
+    if differentiable and not getattr(reward, "differentiable", False):
+        raise SteeringInputError(f"gradient guidance needs a differentiable reward, and {reward.describe()} is not; "
+                                 "turn gradient guidance off (gradient-free SMC works with any reward)")
 
     def score(model, x0: torch.Tensor, batch: int, counter: ComputeCounter) -> torch.Tensor:
         check_vae_matches(vae, x0.shape[1])
@@ -30,15 +43,9 @@ def make_latent_scorer(vae, reward, prompts: list[str] | None = None):
         if images.ndim == 5:  # video VAEs: frames into the batch
             images = images.reshape(-1, *images.shape[-3:])
         counter.decode_items += x0.shape[0]
-        item_prompts = None
-        if prompts:
-            item_prompts = (list(prompts) * batch)[:batch] if len(prompts) == 1 else list(prompts)
-            if len(item_prompts) != batch:
-                raise SteeringInputError(f"{len(item_prompts)} prompts for a batch of {batch}")
-            item_prompts = item_prompts * (x0.shape[0] // batch)
-        scores = reward(images, item_prompts).detach().float().cpu()
+        scores = reward(images, _item_prompts(prompts, batch, x0.shape[0]))
         counter.reward_items += x0.shape[0]
-        return scores
+        return scores.float() if differentiable else scores.detach().float().cpu()
 
     return score
 

@@ -8,6 +8,8 @@ integrates exactly:
     y' = D + (lam'/lam) e^{-beta (lam - lam')} (y - D) + lam' sqrt(1 - e^{-2 beta (lam - lam')}) z,
 and mapping back to x:
     x' = alpha' D + (sigma'/sigma) e^{-beta dlam} (x - alpha D) + sigma' sqrt(1 - e^{-2 beta dlam}) z.
+More generally, with f = sqrt(1 - e^{-2 beta dlam}) the fraction of fresh noise, any f in [0, 1] keeps the
+marginals (`stochastic_step`); f = eta sqrt(1 - (lam'/lam)^2) is the ancestral / DDPM-like family used by SMC.
 This agrees with Demon's Euler-Maruyama step to first order, is stable for any step size (zero-terminal-SNR
 schedules have sigma_max in the thousands), equals ComfyUI's Euler step at beta = 0, and lands on D at
 sigma' = 0.  Flow models get the correct SDE for x = (1 - sigma) x0 + sigma eps through alpha; reusing the
@@ -27,22 +29,53 @@ def uses_flow(model) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
+def _column(value, x):
+    return torch.as_tensor(value, dtype=torch.float64, device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _alphas(sigma, sigma_next, flow: bool):
+    return (1.0 - sigma, 1.0 - sigma_next) if flow else (torch.ones_like(sigma), torch.ones_like(sigma_next))
+
+
+def fresh_fraction_beta(sigma, sigma_next, beta: float, flow: bool, like):
+    """Share of the next noise that is new under Demon's SDE with noise level beta: sqrt(1 - e^{-2 beta dlam})."""
+    sigma, sigma_next = _column(sigma, like), _column(sigma_next, like)
+    if beta <= 0:
+        return torch.zeros_like(sigma)
+    alpha, alpha_next = _alphas(sigma, sigma_next, flow)
+    d_lam = sigma / alpha - sigma_next / alpha_next   # inf at flow's sigma = 1: full refresh, as it should be
+    return torch.sqrt(-torch.expm1(-2.0 * beta * d_lam))
+
+
+def fresh_fraction_eta(sigma, sigma_next, eta: float, flow: bool, like):
+    """Ancestral (DDPM-like) steps in the noise-level coordinate lam = sigma / alpha: eta = 1 is the ancestral
+    sampler, eta = 0 the deterministic DDIM/Euler step; for flow models this is the correct stochastic step."""
+    sigma, sigma_next = _column(sigma, like), _column(sigma_next, like)
+    alpha, alpha_next = _alphas(sigma, sigma_next, flow)
+    ratio = torch.where(alpha > 0, (sigma_next / alpha_next) / (sigma / alpha).clamp_min(1e-30), torch.zeros_like(sigma))
+    return eta * torch.sqrt((1.0 - ratio.clamp(0, 1) ** 2).clamp_min(0.0))
+
+
+def step_mean_std(x, denoised, sigma, sigma_next, fresh, flow: bool):
+    """Mean and std of the stochastic step: x' = mean + std * z (float64)."""
+    sigma, sigma_next = _column(sigma, x), _column(sigma_next, x)
+    alpha, alpha_next = _alphas(sigma, sigma_next, flow)
+    keep = (sigma_next / sigma) * torch.sqrt((1.0 - fresh ** 2).clamp_min(0.0))
+    mean = alpha_next * denoised.double() + keep * (x.double() - alpha * denoised.double())
+    return mean, sigma_next * fresh
+
+
+def stochastic_step(x, denoised, sigma, sigma_next, noise, fresh, flow: bool):
+    """x' = alpha' D + (sigma'/sigma) sqrt(1 - f^2) (x - alpha D) + sigma' f z: keeps the PF-ODE marginals for any
+    fresh-noise fraction f in [0, 1] (f = 0: Euler; sigma' = 0: lands on D)."""
+    mean, std = step_mean_std(x, denoised, sigma, sigma_next, fresh, flow)
+    return (mean + std * noise.double()).to(x.dtype)
+
+
 def sde_step(x, denoised, sigma, sigma_next, noise, beta: float, flow: bool):
-    """One reverse-SDE step from sigma to sigma_next (floats or per-item tensors); see the module docstring."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(shape)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float64, device=x.device).reshape(shape)
-    alpha, alpha_next = (1.0 - sigma, 1.0 - sigma_next) if flow else (torch.ones_like(sigma),) * 2
-    if beta > 0:
-        d_lam = sigma / alpha - sigma_next / alpha_next   # inf at flow's sigma = 1: full refresh, as it should be
-        decay = torch.exp(-beta * d_lam)
-        fresh = torch.sqrt(-torch.expm1(-2.0 * beta * d_lam))
-    else:
-        decay, fresh = torch.ones_like(sigma), torch.zeros_like(sigma)
-    keep = (sigma_next / sigma) * decay
-    out = alpha_next * denoised.double() + keep * (x.double() - alpha * denoised.double()) \
-        + sigma_next * fresh * noise.double()
-    return out.to(x.dtype)
+    """One step of Demon's reverse SDE from sigma to sigma_next (floats or per-item tensors)."""
+    return stochastic_step(x, denoised, sigma, sigma_next, noise,
+                           fresh_fraction_beta(sigma, sigma_next, beta, flow, x), flow)
 
 
 def noise_generator(extra_args: dict, offset: int = 0) -> torch.Generator:

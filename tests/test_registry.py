@@ -9,6 +9,7 @@ EXPECTED_NODE_IDS = {
     "RewardSteerReferenceModel", "RewardSteerReferenceExactTarget", "RewardSteerTinyTestModel",
     "RewardSteerColorReward", "RewardSteerImageSimilarityReward", "RewardSteerScoreImages",
     "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
+    "RewardSteerSMCSampler", "RewardSteerKSamplerSMC", "RewardSteerBestOfN",
 }
 
 

@@ -1,0 +1,212 @@
+"""SMC / FK steering nodes (a SAMPLER and an all-in-one KSampler) and the Best-of-N baseline node."""
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..samplers.resampling import RESAMPLERS
+from ..samplers.scoring import make_latent_scorer
+from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
+from .sampling import TraceRecorder, batch_mean_series, plot_panels, run_sampler, sigmas_for, show_text_on_node
+from .types import Reward
+
+CATEGORY = "reward_steering/sampling"
+
+
+def smc_inputs() -> list:
+    """The steering inputs shared by both SMC nodes (their order is part of every saved workflow)."""
+    return [
+        Reward.Input("reward"),
+        io.Vae.Input("vae", tooltip="decodes particles' x0-predictions for the reward (TAESD is a cheap choice)"),
+        io.Int.Input("particles", default=4, min=1, max=512, tooltip="particles per batch item"),
+        io.Float.Input("lam", display_name="lambda", default=10.0, min=0.0, max=100000.0, step=0.1,
+                       tooltip="target p(x) * exp(lambda * r(x))"),
+        io.Combo.Input("potential", options=list(POTENTIALS), default="difference"),
+        io.Combo.Input("tempering", options=list(TEMPERING), default="none",
+                       tooltip="ramp lambda over the steps (exponential as in DAS, or linear)"),
+        io.Float.Input("gamma", default=0.008, min=0.0, max=1.0, step=0.001, tooltip="exponential tempering rate"),
+        io.Combo.Input("resampling", options=list(RESAMPLERS), default="systematic"),
+        io.Float.Input("ess_threshold", default=0.5, min=0.0, max=1.0, step=0.05,
+                       tooltip="resample when ESS < threshold * particles (1 = at every scheduled step)"),
+        io.Int.Input("reward_start", default=0, min=0, max=10000, tooltip="first step scored"),
+        io.Int.Input("reward_end", default=-1, min=-1, max=10000, tooltip="last step scored (-1 = the end)"),
+        io.Int.Input("reward_interval", default=1, min=1, max=10000, tooltip="score every n-th step"),
+        io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="stochasticity of the base step (1 = ancestral / DDPM-like)"),
+        io.Boolean.Input("gradient_guidance", default=False,
+                         tooltip="DAS proposals along the reward gradient (differentiable rewards only)"),
+        io.Combo.Input("output", options=list(OUTPUTS), default="weighted_draw",
+                       tooltip="weighted_draw: faithful to the target; best: highest reward; all: every particle"),
+        io.Int.Input("chunk_items", default=0, min=0, max=4096, tooltip="particles per model call; 0 = auto"),
+        io.String.Input("prompt", default="", multiline=True, optional=True,
+                        tooltip="text for rewards that need the prompt"),
+    ]
+
+
+def smc_options(reward, vae, particles, lam, potential, tempering, gamma, resampling, ess_threshold, reward_start,
+                reward_end, reward_interval, eta, gradient_guidance, output, chunk_items, prompt="") -> dict:
+    prompts = [prompt] if prompt else None
+    return {"score_fn": make_latent_scorer(vae, reward, prompts),
+            "grad_score_fn": make_latent_scorer(vae, reward, prompts, differentiable=True)
+            if gradient_guidance else None,
+            "particles": particles, "lam": lam, "potential": potential, "tempering": tempering, "gamma": gamma,
+            "resampling": resampling, "ess_threshold": ess_threshold, "start": reward_start, "end": reward_end,
+            "interval": reward_interval, "eta": eta, "output": output, "chunk_items": chunk_items}
+
+
+def format_smc_step(stats: dict, total: int) -> str:
+    text = f"step {stats['step'] + 1}/{total}  sigma {stats['sigma']:.3g}  lambda {stats['lambda']:.3g}\n"
+    text += "ESS [" + ", ".join(f"{e:.2f}" for e in stats["ess"]) + "]"
+    if "reward_mean" in stats:
+        text += "  reward mean [" + ", ".join(f"{m:.4f}" for m in stats["reward_mean"]) + "]"
+    if any(stats.get("resampled", [])):
+        text += "  resampled"
+    return text
+
+
+class SMCRecorder(TraceRecorder):
+    def __call__(self, stats: dict) -> None:
+        if stats.get("done"):
+            self.summary = stats
+            show_text_on_node(f"done: {stats['particles']} particles, final ESS "
+                              f"[{', '.join(f'{e:.2f}' for e in stats['final_ess'])}]\nper image: "
+                              f"{stats['model_calls_per_image']:.0f} model calls, {stats['decodes_per_image']:.0f} "
+                              "decodes")
+        else:
+            show_text_on_node(format_smc_step(stats, self.total_steps))
+
+
+def plot_smc(trace: list[dict], title: str) -> torch.Tensor:
+    return plot_panels([(title, {"particle mean reward": batch_mean_series(trace, "reward_mean"),
+                                 "best particle": batch_mean_series(trace, "reward_max")}),
+                        ("effective sample size", {"ESS": batch_mean_series(trace, "ess")})])
+
+
+def _reported_smc(model, x, sigmas, *args, **kwargs):
+    return sample_smc(model, x, sigmas, *args, report=SMCRecorder(len(sigmas) - 1), **kwargs)
+
+
+class SMCSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerSMCSampler",
+            display_name="SMC / FK Steering Sampler",
+            category=CATEGORY,
+            description="Feynman-Kac steering as a SAMPLER for SamplerCustom / SamplerCustomAdvanced: particles "
+                        "weighted by reward potentials and resampled, targeting p(x) * exp(lambda * r(x)).",
+            inputs=smc_inputs(),
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_reported_smc, extra_options=smc_options(**kwargs)))
+
+
+class KSamplerSMC(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerKSamplerSMC",
+            display_name="KSampler (SMC / FK steering)",
+            category=CATEGORY,
+            description="KSampler with SMC / FK reward steering. Outputs the latent, the trace (rewards, ESS, "
+                        "final particle weights) as JSON, and a plot.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=30, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                *smc_inputs(),
+            ],
+            outputs=[io.Latent.Output(), io.String.Output(display_name="trace_json"),
+                     io.Image.Output(display_name="trace_plot")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise,
+                **steering) -> io.NodeOutput:
+        sigmas = sigmas_for(model, scheduler, steps, denoise)
+        recorder = SMCRecorder(len(sigmas) - 1)
+        sampler = comfy.samplers.KSAMPLER(functools.partial(sample_smc, report=recorder),
+                                          extra_options=smc_options(**steering))
+        out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, latent_image)
+        if out["samples"].shape[0] != latent_image["samples"].shape[0]:
+            out.pop("noise_mask", None)  # "all" returns every particle; a per-item mask no longer lines up
+            out.pop("batch_index", None)
+        summary = recorder.summary or {}
+        plot = plot_smc(summary.get("trace", []), f"SMC: reward per step ({steering['reward'].describe()})")
+        totals = {key: value for key, value in summary.items() if key != "trace"}
+        return io.NodeOutput(out, recorder.json(), plot, ui={"smc": [totals]})
+
+
+class BestOfN(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerBestOfN",
+            display_name="Best-of-N (seed search)",
+            category=CATEGORY,
+            description="Samples N candidates per batch item with consecutive noise (one batched run with any "
+                        "sampler), scores them with the reward and keeps the best. The baseline every steering "
+                        "method should beat at equal compute.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=30, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                Reward.Input("reward"),
+                io.Vae.Input("vae"),
+                io.Int.Input("n", default=4, min=1, max=1024, tooltip="candidates per batch item"),
+                io.String.Input("prompt", default="", multiline=True, optional=True),
+            ],
+            outputs=[io.Latent.Output(display_name="best"), io.Latent.Output(display_name="all"),
+                     io.String.Output(display_name="scores_json")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                reward, vae, n, prompt="") -> io.NodeOutput:
+        batch = latent_image["samples"].shape[0]
+        # candidates laid out candidate-major (like the steering samplers), so batch-B conditioning stays aligned
+        tiled = {"samples": latent_image["samples"].repeat(n, *([1] * (latent_image["samples"].ndim - 1)))}
+        if "noise_mask" in latent_image:
+            mask = latent_image["noise_mask"]
+            tiled["noise_mask"] = mask.repeat(n, *([1] * (mask.ndim - 1))) if mask.shape[0] == batch else mask
+        sigmas = sigmas_for(model, scheduler, steps, denoise)
+        out = run_sampler(model, comfy.samplers.sampler_object(sampler_name), sigmas, seed, cfg, positive, negative,
+                          tiled)
+        samples = out["samples"]
+        from ..samplers.model_calls import ComputeCounter
+
+        class _Model:  # the scorer only needs process_latent_out from the model behind the sampler
+            inner_model = type("G", (), {"inner_model": model.model})()
+
+        scores = make_latent_scorer(vae, reward, [prompt] if prompt else None)(_Model, samples, batch,
+                                                                             ComputeCounter(batch=batch))
+        table = scores.reshape(n, batch)
+        best = table.argmax(dim=0)
+        chosen = samples[best * batch + torch.arange(batch)]
+        result = {"scores": table.T.tolist(), "best_index": best.tolist(), "best": table.max(0).values.tolist()}
+        show_text_on_node("best of " + str(n) + ": " + ", ".join(f"{v:.4f}" for v in result["best"]))
+        return io.NodeOutput({"samples": chosen}, {"samples": samples}, json.dumps(result), ui={"best_of_n": [result]})
+
+
+NODES = [SMCSampler, KSamplerSMC, BestOfN]
