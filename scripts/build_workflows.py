@@ -22,6 +22,12 @@ DEMON_DEFAULTS = {"k": 16, "beta": 0.1, "weighting": "tanh", "tau": 0.0, "estima
                   "budget": 0, "prompt": ""}
 
 
+SMC_DEFAULTS = {"particles": 8, "lam": DEMO_LAMBDA, "potential": "difference", "tempering": "none", "gamma": 0.008,
+                "resampling": "systematic", "ess_threshold": 0.5, "reward_start": 0, "reward_end": -1,
+                "reward_interval": 1, "eta": 1.0, "gradient_guidance": False, "output": "weighted_draw",
+                "chunk_items": 0, "prompt": ""}
+
+
 def demo_reference() -> dict:
     """Plain sampling vs Demon on the reference model, same seed, scored by a weight-free colour reward,
     next to the exact target."""
@@ -52,11 +58,21 @@ def demo_reference() -> dict:
                "inputs": {"images": ["10", 0], "reward": ["6", 0], "prompt": ""}},
         "13": {"class_type": "SaveImage",
                "inputs": {"images": ["9", 2], "filename_prefix": "reward_steering_demo/demon_trace"}},
+        "14": {"class_type": "RewardSteerKSamplerSMC", "_meta": {"title": "KSampler (SMC / FK steering)"},
+               "inputs": {"model": ["1", 0], "seed": 42, "steps": 30, "cfg": 1.0, "scheduler": "normal",
+                          "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                          "reward": ["6", 0], "vae": ["1", 1], **{**SMC_DEFAULTS, "particles": 16}}},
+        "15": {"class_type": "VAEDecode", "inputs": {"samples": ["14", 0], "vae": ["1", 1]}},
+        "16": {"class_type": "SaveImage", "inputs": {"images": ["15", 0], "filename_prefix": "reward_steering_demo/fk"}},
+        "17": {"class_type": "RewardSteerScoreImages", "_meta": {"title": "Score FK samples"},
+               "inputs": {"images": ["15", 0], "reward": ["6", 0], "prompt": ""}},
+        "18": {"class_type": "SaveImage",
+               "inputs": {"images": ["14", 2], "filename_prefix": "reward_steering_demo/fk_trace"}},
     }
 
 
-def _text_to_image_demon(checkpoint: str, size: int, steps: int, cfg: float, k: int) -> dict:
-    """Checkpoint loader + prompts + KSampler (Demon) + a weight-free reward: the SD1.5 / SDXL examples."""
+def _text_to_image_demon(checkpoint: str, size: int, steps: int, cfg: float, k: int, smc: bool = False) -> dict:
+    """Checkpoint loader + prompts + KSampler (Demon or SMC) + a weight-free reward: the SD1.5 / SDXL examples."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "2": {"class_type": "CLIPTextEncode", "_meta": {"title": "Positive"},
@@ -66,12 +82,14 @@ def _text_to_image_demon(checkpoint: str, size: int, steps: int, cfg: float, k: 
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "5": {"class_type": "RewardSteerColorReward", "_meta": {"title": "Reward: warmer colours"},
               "inputs": {"mode": "toward colour", "red": 1.0, "green": 0.6, "blue": 0.2, "bias": 0.0}},
-        "6": {"class_type": "RewardSteerKSamplerDemon",
+        "6": {"class_type": "RewardSteerKSamplerSMC" if smc else "RewardSteerKSamplerDemon",
               "inputs": {"model": ["1", 0], "seed": 0, "steps": steps, "cfg": cfg, "scheduler": "karras",
                          "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
-                         "reward": ["5", 0], "vae": ["1", 2], **{**DEMON_DEFAULTS, "k": k, "min_sigma": 0.11}}},
+                         "reward": ["5", 0], "vae": ["1", 2],
+                         **({**SMC_DEFAULTS, "particles": k, "reward_interval": 5} if smc else
+                            {**DEMON_DEFAULTS, "k": k, "min_sigma": 0.11})}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "demon"}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "fk" if smc else "demon"}},
         "9": {"class_type": "PreviewImage", "_meta": {"title": "Reward per step"}, "inputs": {"images": ["6", 2]}},
         "10": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["7", 0], "reward": ["5", 0],
                                                                   "prompt": ""}},
@@ -84,6 +102,24 @@ def example_sd15_demon() -> dict:
 
 def example_sdxl_demon() -> dict:
     return _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 8)
+
+
+def example_sd15_smc() -> dict:
+    return _text_to_image_demon("v1-5-pruned-emaonly.safetensors", 512, 30, 7.0, 4, smc=True)
+
+
+def example_sdxl_smc() -> dict:
+    return _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 4, smc=True)
+
+
+def example_flux_smc() -> dict:
+    """Flux with the SMC SAMPLER (its ancestral step is the correct stochastic step for flow models)."""
+    graph = example_flux_demon()
+    graph["11"] = {"class_type": "RewardSteerSMCSampler",
+                   "inputs": {"reward": ["10", 0], "vae": ["3", 0], **{**SMC_DEFAULTS, "particles": 4,
+                                                                       "reward_interval": 4}}}
+    graph["14"]["inputs"]["filename_prefix"] = "flux_fk"
+    return graph
 
 
 def example_flux_demon() -> dict:
@@ -119,6 +155,9 @@ WORKFLOWS = {
     "example_sd15_demon.json": example_sd15_demon,
     "example_sdxl_demon.json": example_sdxl_demon,
     "example_flux_demon.json": example_flux_demon,
+    "example_sd15_smc.json": example_sd15_smc,
+    "example_sdxl_smc.json": example_sdxl_smc,
+    "example_flux_smc.json": example_flux_smc,
 }
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The main job on the embedded default: install the host if missing, start ComfyUI headless on 127.0.0.1,
-queue workflows/demo_reference.json (plain sampling vs the Demon sampler), save the images and a summary
+queue workflows/demo_reference.json (plain sampling vs the Demon sampler vs SMC / FK steering), save the images and a summary
 (mean rewards next to the exact answers),
 print where they are, and stop the server.
 
@@ -45,6 +45,10 @@ def summarise(history: dict, api: dict, output_dir: Path) -> dict:
     demon_node = node_id_of(api, "RewardSteerKSamplerDemon")
     demon["compute"] = outputs[demon_node]["demon"][0]
     demon["settings"] = {k: api[demon_node]["inputs"][k] for k in ("k", "beta", "weighting", "estimator", "steps")}
+    fk = score_summary(outputs[node_id_of(api, "RewardSteerScoreImages", "Score FK samples")]["scores"])
+    fk_node = node_id_of(api, "RewardSteerKSamplerSMC")
+    fk["compute"] = {k: v for k, v in outputs[fk_node]["smc"][0].items() if k.endswith("per_image")}
+    fk["settings"] = {k: api[fk_node]["inputs"][k] for k in ("particles", "lam", "potential", "output", "steps")}
     target = outputs[node_id_of(api, "RewardSteerReferenceExactTarget")]["target"][0]
     plain["exact_expected_reward"] = target["expected_reward_base"]
     plain["z_score"] = ((plain["mean_reward"] - target["expected_reward_base"]) / plain["standard_error"]
@@ -54,6 +58,7 @@ def summarise(history: dict, api: dict, output_dir: Path) -> dict:
         "reward": target["reward"],
         "plain": plain,
         "demon": demon,
+        "fk": fk,
         "exact": {"expected_reward_plain": target["expected_reward_base"],
                   "best_component_reward": max(target["component_rewards"]),
                   "lambda": target["lambda"], "expected_reward_tilted": target["expected_reward_tilted"],
@@ -65,7 +70,7 @@ def summarise(history: dict, api: dict, output_dir: Path) -> dict:
 
 def write_report(summary: dict, output_dir: Path) -> Path:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    p, d, e = summary["plain"], summary["demon"], summary["exact"]
+    p, d, f, e = summary["plain"], summary["demon"], summary["fk"], summary["exact"]
     lines = [
         "# Reward steering demo (reference model, exact answers)",
         "",
@@ -77,11 +82,17 @@ def write_report(summary: dict, output_dir: Path) -> Path:
         f"{p['standard_error']:.4f} | 30 |",
         f"| KSampler (Demon), K={d['settings']['k']}, {d['settings']['estimator']} | {d['samples']} | "
         f"{d['mean_reward']:.4f} ± {d['standard_error']:.4f} | {d['compute']['model_calls_per_image']:.0f} |",
+        f"| KSampler (SMC / FK), {f['settings']['particles']} particles, λ={f['settings']['lam']:g}, weighted draw | "
+        f"{f['samples']} | {f['mean_reward']:.4f} ± {f['standard_error']:.4f} | "
+        f"{f['compute']['model_calls_per_image']:.0f} |",
+        "",
+        f"FK targets p·exp(λ·r) exactly: its mean reward should match {e['expected_reward_tilted']:.4f} (below); "
+        "Demon climbs greedily and has no such target.",
         "",
         f"Exact answers: E[r] under the model = {e['expected_reward_plain']:.4f}; best picture's reward = "
         f"{e['best_component_reward']:.4f}; E[r] under p·exp({e['lambda']:g}·r) = {e['expected_reward_tilted']:.4f}.",
         "",
-        f"Images: {len(summary['images'])} files under {output_dir} (plain_*, demon_*, demon_trace_*)",
+        f"Images: {len(summary['images'])} files under {output_dir} (plain_*, demon_*, fk_*, *_trace_*)",
     ]
     path = output_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")

@@ -167,3 +167,36 @@ def test_demon_sampler_node_and_tiny_unet_over_http(server):
     outputs = server.run(prompt, timeout=300)["outputs"]
     assert len(outputs["10"]["scores"]) == 4 and len(outputs["14"]["scores"]) == 4
     assert outputs["12"]["demon"][0]["k"] == 4
+
+
+def test_smc_sampler_node_and_best_of_n_over_http(server):
+    smc = dict(build_workflows.SMC_DEFAULTS, particles=4)
+    prompt = {
+        "1": {"class_type": "RewardSteerReferenceModel",
+              "inputs": {"parametrization": "v_prediction", "components": 8, "spread": 0.1, "weights": ""}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+        "3": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}},
+        "4": {"class_type": "RewardSteerSMCSampler", "inputs": {"reward": ["3", 0], "vae": ["1", 1], **smc}},
+        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 10,
+                                                         "denoise": 1.0}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "7": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["1", 2]}},
+        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
+                                                                "sampler": ["4", 0], "sigmas": ["5", 0],
+                                                                "latent_image": ["2", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 1]}},
+        "10": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["9", 0], "reward": ["3", 0]}},
+        "11": {"class_type": "RewardSteerBestOfN",
+               "inputs": {"model": ["1", 0], "seed": 1, "steps": 10, "cfg": 1.0, "sampler_name": "euler",
+                          "scheduler": "karras", "positive": ["1", 2], "negative": ["1", 2],
+                          "latent_image": ["2", 0], "denoise": 1.0, "reward": ["3", 0], "vae": ["1", 1], "n": 4,
+                          "prompt": ""}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 1]}},
+        "13": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["12", 0], "reward": ["3", 0]}},
+    }
+    outputs = server.run(prompt, timeout=300)["outputs"]
+    assert len(outputs["10"]["scores"]) == 3
+    best = outputs["11"]["best_of_n"][0]
+    # the kept images score exactly what Best-of-N said they would
+    assert outputs["13"]["scores"] == pytest.approx(best["best"], abs=1e-5)
