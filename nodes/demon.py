@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..samplers.demon import WEIGHTINGS, sample_demon
 from ..samplers.estimators import ESTIMATORS
-from ..samplers.scoring import make_latent_scorer
+from ..samplers.scoring import DECODERS, make_latent_scorer
 from .sampling import TraceRecorder, plot_trace, run_sampler, sigmas_for
 from .types import Reward
 
@@ -41,14 +41,18 @@ def demon_inputs() -> list:
                      tooltip="candidates per model call; 0 = as many as free memory allows"),
         io.Int.Input("budget", default=0, min=0, max=10_000_000,
                      tooltip="maximum model calls per image; K, then the window, shrink to fit. 0 = no limit"),
+        io.Combo.Input("decoder", options=list(DECODERS), default="vae",
+                       tooltip="vae: decode candidates with the VAE input; latent_rgb: the live-preview "
+                               "projection (nearly free, approximate: for colour-type rewards)"),
         io.String.Input("prompt", default="", multiline=True, optional=True,
                         tooltip="text for rewards that need the prompt"),
     ]
 
 
 def demon_options(reward, vae, k, beta, weighting, tau, estimator, max_rollout_steps, min_sigma, start, end,
-                  chunk_items, budget, prompt="") -> dict:
-    return {"score_fn": make_latent_scorer(vae, reward, [prompt] if prompt else None), "k": k, "beta": beta,
+                  chunk_items, budget, decoder="vae", prompt="") -> dict:
+    return {"score_fn": make_latent_scorer(vae, reward, [prompt] if prompt else None, decoder=decoder), "k": k,
+            "beta": beta,
             "weighting": weighting, "tau": tau if tau > 0 else None, "estimator": estimator,
             "max_rollout_steps": max_rollout_steps, "min_sigma": min_sigma, "start": start, "end": end,
             "chunk_items": chunk_items, "budget": budget}

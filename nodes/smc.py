@@ -10,7 +10,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers.resampling import RESAMPLERS
-from ..samplers.scoring import make_latent_scorer
+from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
 from .sampling import TraceRecorder, batch_mean_series, plot_panels, run_sampler, sigmas_for, show_text_on_node
 from .types import Reward
@@ -43,16 +43,20 @@ def smc_inputs() -> list:
         io.Combo.Input("output", options=list(OUTPUTS), default="weighted_draw",
                        tooltip="weighted_draw: faithful to the target; best: highest reward; all: every particle"),
         io.Int.Input("chunk_items", default=0, min=0, max=4096, tooltip="particles per model call; 0 = auto"),
+        io.Combo.Input("decoder", options=list(DECODERS), default="vae",
+                       tooltip="vae: decode candidates with the VAE input; latent_rgb: the live-preview "
+                               "projection (nearly free, approximate: for colour-type rewards)"),
         io.String.Input("prompt", default="", multiline=True, optional=True,
                         tooltip="text for rewards that need the prompt"),
     ]
 
 
 def smc_options(reward, vae, particles, lam, potential, tempering, gamma, resampling, ess_threshold, reward_start,
-                reward_end, reward_interval, eta, gradient_guidance, output, chunk_items, prompt="") -> dict:
+                reward_end, reward_interval, eta, gradient_guidance, output, chunk_items, decoder="vae",
+                prompt="") -> dict:
     prompts = [prompt] if prompt else None
-    return {"score_fn": make_latent_scorer(vae, reward, prompts),
-            "grad_score_fn": make_latent_scorer(vae, reward, prompts, differentiable=True)
+    return {"score_fn": make_latent_scorer(vae, reward, prompts, decoder=decoder),
+            "grad_score_fn": make_latent_scorer(vae, reward, prompts, differentiable=True, decoder=decoder)
             if gradient_guidance else None,
             "particles": particles, "lam": lam, "potential": potential, "tempering": tempering, "gamma": gamma,
             "resampling": resampling, "ess_threshold": ess_threshold, "start": reward_start, "end": reward_end,

@@ -29,19 +29,42 @@ def _item_prompts(prompts, batch: int, n: int):
     return per_item * (n // batch)
 
 
-def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differentiable: bool = False):
+DECODERS = ("vae", "latent_rgb")
+
+
+def latent_rgb_decode(base_model, x0: torch.Tensor) -> torch.Tensor:
+    """The live-preview decoder: the model's linear latent -> RGB factors, at latent resolution, [n, h, w, 3].
+    Nearly free; approximate for SD-family latents (exact for the reference model), good enough for colour-type
+    rewards, not for rewards that judge detail."""
+    fmt = base_model.latent_format
+    if fmt.latent_rgb_factors is None:
+        raise SteeringInputError("this model's latent format has no RGB preview factors: use decoder 'vae'")
+    factors = torch.tensor(fmt.latent_rgb_factors, dtype=x0.dtype, device=x0.device)
+    bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=x0.dtype, device=x0.device)
+    if x0.ndim == 5:  # video latents: frames into the batch
+        x0 = x0.movedim(2, 1).reshape(-1, x0.shape[1], *x0.shape[-2:])
+    return ((x0.movedim(1, -1) @ factors + bias + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differentiable: bool = False,
+                       decoder: str = "vae"):
     """score(model, x0, batch, counter) -> float32 rewards [n] for n = k*batch candidate-major x0: detached on the
-    CPU, or (differentiable=True) on x0's device with the graph back to x0, for gradient-guided proposals."""
+    CPU, or (differentiable=True) on x0's device with the graph back to x0, for gradient-guided proposals.
+    decoder: 'vae' (the VAE given) or 'latent_rgb' (the live-preview projection, nearly free)."""
+    if decoder not in DECODERS:
+        raise SteeringInputError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if differentiable and not getattr(reward, "differentiable", False):
         raise SteeringInputError(f"gradient guidance needs a differentiable reward, and {reward.describe()} is not; "
                                  "turn gradient guidance off (gradient-free SMC works with any reward)")
 
     def score(model, x0: torch.Tensor, batch: int, counter: ComputeCounter) -> torch.Tensor:
-        check_vae_matches(vae, x0.shape[1])
-        latent = base_model_of(model).process_latent_out(x0)
-        images = vae.decode(latent)
-        if images.ndim == 5:  # video VAEs: frames into the batch
-            images = images.reshape(-1, *images.shape[-3:])
+        if decoder == "latent_rgb":
+            images = latent_rgb_decode(base_model_of(model), x0)
+        else:
+            check_vae_matches(vae, x0.shape[1])
+            images = vae.decode(base_model_of(model).process_latent_out(x0))
+            if images.ndim == 5:  # video VAEs: frames into the batch
+                images = images.reshape(-1, *images.shape[-3:])
         counter.decode_items += x0.shape[0]
         scores = reward(images, _item_prompts(prompts, batch, x0.shape[0]))
         counter.reward_items += x0.shape[0]

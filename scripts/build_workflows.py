@@ -19,13 +19,13 @@ DEMO_LAMBDA = 10.0
 
 DEMON_DEFAULTS = {"k": 16, "beta": 0.1, "weighting": "tanh", "tau": 0.0, "estimator": "tweedie",
                   "max_rollout_steps": 20, "min_sigma": 0.0, "start": 0.0, "end": 1.0, "chunk_items": 0,
-                  "budget": 0, "prompt": ""}
+                  "budget": 0, "decoder": "vae", "prompt": ""}
 
 
 SMC_DEFAULTS = {"particles": 8, "lam": DEMO_LAMBDA, "potential": "difference", "tempering": "none", "gamma": 0.008,
                 "resampling": "systematic", "ess_threshold": 0.5, "reward_start": 0, "reward_end": -1,
                 "reward_interval": 1, "eta": 1.0, "gradient_guidance": False, "output": "weighted_draw",
-                "chunk_items": 0, "prompt": ""}
+                "chunk_items": 0, "decoder": "vae", "prompt": ""}
 
 
 def demo_reference() -> dict:

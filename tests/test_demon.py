@@ -16,7 +16,8 @@ RED = {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0
 
 def demon_inputs(**over):
     inputs = {"k": 4, "beta": 0.1, "weighting": "tanh", "tau": 0.0, "estimator": "tweedie", "max_rollout_steps": 20,
-              "min_sigma": 0.0, "start": 0.0, "end": 1.0, "chunk_items": 0, "budget": 0, "prompt": ""}
+              "min_sigma": 0.0, "start": 0.0, "end": 1.0, "chunk_items": 0, "budget": 0, "decoder": "vae",
+              "prompt": ""}
     inputs.update(over)
     return inputs
 
@@ -331,3 +332,29 @@ def test_nan_rewards_do_not_lose_the_run(executor, caplog):
         rewards.LinearColorReward.score = original
     assert torch.isfinite(out["3"][0][0]["samples"]).all()
     assert any("NaN/inf rewards" in r.getMessage() for r in caplog.records)
+
+
+def test_latent_rgb_decoder_is_the_preview_projection():
+    cm = harness.pack_submodule("reference.comfy_model")
+    scoring = harness.pack_submodule("samplers.scoring")
+    spec = cm.ReferenceSpec()
+    base = cm.build_reference_model(spec).model
+    z = spec.mixture(4, 4).means[:3].clone()           # pictures: inside [-1, 1], so the clamp does nothing
+    fast = scoring.latent_rgb_decode(base, z)
+    exact = cm.latent_to_image(z)
+    assert fast.shape == (3, 4, 4, 3)
+    assert torch.allclose(fast, exact[:, ::8, ::8, :], atol=1e-6)   # the reference model's preview is exact
+    import comfy.latent_formats
+
+    class NoFactors:
+        latent_format = comfy.latent_formats.LatentFormat()
+
+    with pytest.raises(ValueError, match="use decoder 'vae'"):
+        scoring.latent_rgb_decode(NoFactors, z)
+
+
+def test_demon_runs_with_the_latent_rgb_decoder(executor):
+    scores, out = run_scores(executor, ksampler_demon_prompt("eps", batch=4, k=8, decoder="latent_rgb"))
+    plain, _ = run_scores(executor, ksampler_demon_prompt("eps", batch=4, k=1, decoder="latent_rgb"))
+    assert json.loads(out["3"][1][0])["decodes_per_image"] == 8 * 19
+    assert scores.mean() > plain.mean() + 0.05

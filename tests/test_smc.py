@@ -203,7 +203,7 @@ def smc_node_inputs(**over):
     inputs = {"particles": 4, "lam": 10.0, "potential": "difference", "tempering": "none", "gamma": 0.008,
               "resampling": "systematic", "ess_threshold": 0.5, "reward_start": 0, "reward_end": -1,
               "reward_interval": 1, "eta": 1.0, "gradient_guidance": False, "output": "weighted_draw",
-              "chunk_items": 0, "prompt": ""}
+              "chunk_items": 0, "decoder": "vae", "prompt": ""}
     inputs.update(over)
     return inputs
 
