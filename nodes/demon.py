@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..samplers.demon import WEIGHTINGS, sample_demon
 from ..samplers.estimators import ESTIMATORS
 from ..samplers.scoring import DECODERS, make_latent_scorer
-from .sampling import TraceRecorder, plot_trace, run_sampler, sigmas_for
+from .sampling import TraceRecorder, ksampler_inputs, plot_trace, run_sampler, sigmas_for
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -92,15 +92,7 @@ class KSamplerDemon(io.ComfyNode):
             description="KSampler with Demon reward steering. Outputs the latent, the reward trace as JSON and "
                         "a plot of reward per step.",
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                *ksampler_inputs(),
                 *demon_inputs(),
             ],
             outputs=[io.Latent.Output(), io.String.Output(display_name="trace_json"),

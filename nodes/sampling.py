@@ -12,6 +12,24 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+from comfy_api.latest import io
+
+
+def ksampler_inputs(sampler_name: bool = False) -> list:
+    """KSampler's own inputs, in KSampler's order, for the all-in-one nodes (part of their saved widget order)."""
+    return [
+        io.Model.Input("model"),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        io.Int.Input("steps", default=30, min=1, max=10000),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        *([io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler")]
+          if sampler_name else []),
+        io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        io.Latent.Input("latent_image"),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+    ]
 
 
 def sigmas_for(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:

@@ -12,7 +12,8 @@ from comfy_api.latest import io
 from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
-from .sampling import TraceRecorder, batch_mean_series, plot_panels, run_sampler, sigmas_for, show_text_on_node
+from .sampling import (TraceRecorder, batch_mean_series, ksampler_inputs, plot_panels, run_sampler, show_text_on_node,
+                       sigmas_for)
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -123,15 +124,7 @@ class KSamplerSMC(io.ComfyNode):
             description="KSampler with SMC / FK reward steering. Outputs the latent, the trace (rewards, ESS, "
                         "final particle weights) as JSON, and a plot.",
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                *ksampler_inputs(),
                 *smc_inputs(),
             ],
             outputs=[io.Latent.Output(), io.String.Output(display_name="trace_json"),
@@ -166,16 +159,7 @@ class BestOfN(io.ComfyNode):
                         "sampler), scores them with the reward and keeps the best. The baseline every steering "
                         "method should beat at equal compute.",
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                *ksampler_inputs(sampler_name=True),
                 Reward.Input("reward"),
                 io.Vae.Input("vae"),
                 io.Int.Input("n", default=4, min=1, max=1024, tooltip="candidates per batch item"),
