@@ -13,7 +13,6 @@ of batch-B conditioning keeps every particle aligned with its item's prompt.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from tqdm.auto import trange
