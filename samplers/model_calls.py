@@ -86,3 +86,21 @@ def denoise(model, x, sigma, extra_args: dict, batch: int, chunk_items: int, cou
         counter.model_items += stop - start
         counter.model_batches += 1
     return out
+
+
+def allow_gradients_through(module) -> None:
+    """ComfyUI loads models inside torch.inference_mode(), so their weights are inference tensors, which autograd
+    cannot use (no version counter).  Swap each such parameter / buffer for an ordinary copy, once and by name
+    (the memory stays the same), so gradient-guided proposals can backpropagate through the model, the VAE and the
+    reward.  The weights themselves never need gradients."""
+    if module is None:
+        return
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and (param.is_inference() or param.requires_grad):
+                    sub._parameters[name] = torch.nn.Parameter(param.detach().clone() if param.is_inference()
+                                                               else param.detach(), requires_grad=False)
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and buf.is_inference():
+                    sub._buffers[name] = buf.clone()

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from .model_calls import ComputeCounter, base_model_of
+from .model_calls import ComputeCounter, allow_gradients_through, base_model_of
 
 
 class SteeringInputError(ValueError):
@@ -62,6 +62,8 @@ def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differenti
             images = latent_rgb_decode(base_model_of(model), x0)
         else:
             check_vae_matches(vae, x0.shape[1])
+            if differentiable:
+                allow_gradients_through(getattr(vae, "first_stage_model", None))
             images = vae.decode(base_model_of(model).process_latent_out(x0))
             if images.ndim == 5:  # video VAEs: frames into the batch
                 images = images.reshape(-1, *images.shape[-3:])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from .model_calls import ComputeCounter, denoise, items_per_call
+from .model_calls import ComputeCounter, allow_gradients_through, base_model_of, denoise, items_per_call
 from .resampling import RESAMPLERS, effective_sample_size, normalise_log_weights, resample_indices
 from .scoring import SteeringInputError, finite_or_flat
 from .sde import fresh_fraction_eta, noise_generator, step_mean_std, uses_flow
@@ -101,6 +101,7 @@ def flat_ancestors(idx: torch.Tensor) -> torch.Tensor:
 def guided_shift(model, x, sigma, extra_args, batch, chunk, counter, grad_score_fn, lam_t: float, std):
     """(D(x), r(D(x)), std^2 * lam_t * grad_x r(D(x))) with gradients through the model, VAE and reward, in
     chunks; outside ComfyUI's inference mode."""
+    allow_gradients_through(base_model_of(model).diffusion_model)
     d_all, r_all, g_all = torch.empty_like(x), torch.empty(x.shape[0], device=x.device), torch.empty_like(x)
     s_all = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
     for start in range(0, x.shape[0], chunk):
@@ -114,8 +115,8 @@ def guided_shift(model, x, sigma, extra_args, batch, chunk, counter, grad_score_
             except RuntimeError as e:
                 if "nference tensor" in str(e):
                     raise SteeringInputError(
-                        "gradient guidance could not backpropagate through this model (its weights or "
-                        "conditioning were created in inference mode); run SMC without gradient guidance") from None
+                        "gradient guidance could not backpropagate through this model or reward (some of their "
+                        f"tensors were created in inference mode: {e}); run SMC without gradient guidance") from None
                 raise
         d_all[start:stop], r_all[start:stop], g_all[start:stop] = d.detach(), r.detach().to(x.device), g.detach()
     std = std.to(x.device)

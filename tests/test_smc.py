@@ -307,3 +307,22 @@ def test_masked_img2img_keeps_the_unmasked_half(executor):
     original, result = out["3"][0][0]["samples"], out["9"][0][0]["samples"]
     assert torch.allclose(result[..., 4:], original[..., 4:], atol=1e-5)
     assert (result[..., :4] - original[..., :4]).abs().max() > 0.05
+
+
+def test_gradient_guidance_through_the_real_unet_and_taesd(executor):
+    """ComfyUI builds models under inference mode; gradient guidance must still backpropagate through the real
+    SD1.5 UNet code and a TAESD decoder (their inference-mode weights are swapped for ordinary copies)."""
+    prompt = {
+        "1": {"class_type": "RewardSteerTinyTestModel", "inputs": {"seed": 0, "prompt": "a red apple"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "channel weights", "red": 1.0, "green": 0.0, "blue": 0.0, "bias": 0.0}},
+        "4": {"class_type": "RewardSteerKSamplerSMC",
+              "inputs": {"model": ["1", 0], "seed": 1, "steps": 3, "cfg": 2.0, "scheduler": "karras",
+                         "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                         "reward": ["3", 0], "vae": ["1", 1], **smc_node_inputs(gradient_guidance=True)}},
+    }
+    out = executor.run(prompt, want=("4",))
+    assert torch.isfinite(out["4"][0][0]["samples"]).all()
+    trace = json.loads(out["4"][1][0])
+    assert trace["model_calls_per_image"] == 3 * 4
