@@ -5,7 +5,8 @@ import json
 
 from comfy_api.latest import io
 
-from ..rewards import ImageSimilarityReward, LinearColorReward
+from ..rewards import CompositeReward, ImageSimilarityReward, LinearColorReward
+from ..rewards.composite import NORMALISATIONS
 from ..rewards.image_similarity import METRICS
 from .types import Reward
 
@@ -87,4 +88,35 @@ class ScoreImages(io.ComfyNode):
                              ui={"text": [text], "scores": scores})
 
 
-NODES = [ColorReward, ImageSimilarity, ScoreImages]
+class CombineRewards(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerCombineRewards",
+            display_name="Combine Rewards",
+            category=CATEGORY,
+            description="Weighted sum of up to four rewards. Normalise each first (z-score or rank over the "
+                        "candidates being compared) when their scales differ.",
+            inputs=[
+                io.Combo.Input("normalisation", options=list(NORMALISATIONS), default="zscore"),
+                Reward.Input("reward_1"),
+                io.Float.Input("weight_1", default=1.0, min=-100.0, max=100.0, step=0.01),
+                Reward.Input("reward_2", optional=True),
+                io.Float.Input("weight_2", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
+                Reward.Input("reward_3", optional=True),
+                io.Float.Input("weight_3", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
+                Reward.Input("reward_4", optional=True),
+                io.Float.Input("weight_4", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
+            ],
+            outputs=[Reward.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, normalisation, reward_1, weight_1, reward_2=None, weight_2=1.0, reward_3=None, weight_3=1.0,
+                reward_4=None, weight_4=1.0) -> io.NodeOutput:
+        parts = [(r, w) for r, w in ((reward_1, weight_1), (reward_2, weight_2), (reward_3, weight_3),
+                                     (reward_4, weight_4)) if r is not None]
+        return io.NodeOutput(CompositeReward(parts, normalisation))
+
+
+NODES = [ColorReward, ImageSimilarity, ScoreImages, CombineRewards]

@@ -1,7 +1,8 @@
 """Rewards: one per file, all behind the small protocol in base.py."""
 from .base import REWARD_TYPE, Reward, RewardInputError, as_image_batch
+from .composite import CompositeReward
 from .image_similarity import ImageSimilarityReward
 from .linear_color import LinearColorReward
 
-__all__ = ["REWARD_TYPE", "Reward", "RewardInputError", "as_image_batch", "ImageSimilarityReward",
+__all__ = ["CompositeReward", "REWARD_TYPE", "Reward", "RewardInputError", "as_image_batch", "ImageSimilarityReward",
            "LinearColorReward"]

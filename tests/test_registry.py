@@ -8,6 +8,7 @@ import harness
 EXPECTED_NODE_IDS = {
     "RewardSteerReferenceModel", "RewardSteerReferenceExactTarget", "RewardSteerTinyTestModel",
     "RewardSteerColorReward", "RewardSteerImageSimilarityReward", "RewardSteerScoreImages",
+    "RewardSteerCombineRewards",
     "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
     "RewardSteerSMCSampler", "RewardSteerKSamplerSMC", "RewardSteerBestOfN",
 }

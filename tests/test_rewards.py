@@ -124,3 +124,41 @@ def test_bad_widget_value_is_a_readable_error_not_a_lost_queue(executor):
     # the executor is still usable afterwards
     prompt["2"]["inputs"]["red"] = 1.0
     executor.run(prompt)
+
+
+def test_composition_and_normalisation_maths_exact(rw):
+    comp = harness.pack_submodule("rewards.composite")
+    s = torch.tensor([1.0, 3.0, 3.0, 7.0])
+    assert torch.allclose(comp.normalise(s, "zscore"), (s - 3.5) / s.std(unbiased=False))
+    assert torch.allclose(comp.normalise(s, "rank"), torch.tensor([0.0, 0.5, 0.5, 1.0]))
+    assert torch.equal(comp.normalise(torch.full((3,), 2.0), "zscore"), torch.zeros(3))
+    red = rw.LinearColorReward((1.0, 0.0, 0.0))
+    blue = rw.LinearColorReward((0.0, 0.0, 10.0))
+    images = torch.cat([solid((0.2, 0.0, 0.1)), solid((0.4, 0.0, 0.5)), solid((0.9, 0.0, 0.3))])
+    r, b = red(images), blue(images)
+    raw = rw.CompositeReward([(red, 2.0), (blue, -1.0)], "none")
+    assert torch.allclose(raw(images), 2 * r - b) and raw.linear and raw.differentiable
+    z = rw.CompositeReward([(red, 2.0), (blue, -1.0)], "zscore")
+    assert torch.allclose(z(images), 2 * comp.normalise(r, "zscore") - comp.normalise(b, "zscore"), atol=1e-6)
+    assert not z.linear and z.differentiable
+    ranked = rw.CompositeReward([(red, 1.0), (blue, 1.0)], "rank")
+    assert torch.allclose(ranked(images), torch.tensor([0.0, 0.5 + 1.0, 1.0 + 0.5]))
+    assert not ranked.differentiable
+    with pytest.raises(ValueError, match="at least one reward"):
+        rw.CompositeReward([], "none")
+
+
+def test_combine_node_through_executor(executor):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0xFF0000}},
+        "2": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "channel weights", "red": 1.0, "green": 0.0, "blue": 0.0, "bias": 0.0}},
+        "3": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "channel weights", "red": 0.0, "green": 0.0, "blue": 1.0, "bias": 0.5}},
+        "4": {"class_type": "RewardSteerCombineRewards",
+              "inputs": {"normalisation": "none", "reward_1": ["2", 0], "weight_1": 3.0, "reward_2": ["3", 0],
+                         "weight_2": -2.0}},
+        "5": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["1", 0], "reward": ["4", 0]}},
+    }
+    executor.run(prompt)
+    assert executor.history["outputs"]["5"]["scores"] == pytest.approx([3.0 * 1.0 - 2.0 * 0.5], abs=1e-6)
