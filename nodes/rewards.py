@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from comfy_api.latest import io
 
 from ..rewards import CompositeReward, ImageSimilarityReward, LinearColorReward
@@ -70,22 +72,39 @@ class ScoreImages(io.ComfyNode):
             node_id="RewardSteerScoreImages",
             display_name="Score Images",
             category=CATEGORY,
-            description="Scores every image of a batch with a reward; shows the scores on the node.",
+            description="Scores every image of a batch with a reward and shows the scores on the node. Can sort "
+                        "the batch best-first and keep the top n: a post-hoc best-of-N.",
             inputs=[io.Image.Input("images"), Reward.Input("reward"),
                     io.String.Input("prompt", default="", multiline=True, optional=True,
-                                    tooltip="for rewards that need the prompt")],
-            outputs=[io.String.Output(display_name="scores_json"), io.Float.Output(display_name="mean")],
+                                    tooltip="for rewards that need the prompt"),
+                    io.Combo.Input("order", options=["input order", "best first"], default="input order",
+                                   optional=True, tooltip="order of the images output"),
+                    io.Int.Input("keep_top", default=0, min=0, max=100000, optional=True,
+                                 tooltip="keep only the n best images (0 = all)")],
+            outputs=[io.String.Output(display_name="scores_json"), io.Float.Output(display_name="mean"),
+                     io.Image.Output(display_name="images"),
+                     io.Float.Output(display_name="scores", is_output_list=True)],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, images, reward, prompt="") -> io.NodeOutput:
-        scores = reward(images, [prompt] if prompt else None).tolist()
-        mean = sum(scores) / len(scores)
-        text = f"{reward.describe()}\nmean {mean:.4f} over {len(scores)}: " + ", ".join(f"{s:.4f}" for s in scores)
+    def execute(cls, images, reward, prompt="", order="input order", keep_top=0) -> io.NodeOutput:
+        scores = reward(images, [prompt] if prompt else None).detach().float().cpu()
+        ranking = torch.argsort(scores, descending=True, stable=True)
+        chosen = ranking if order == "best first" else torch.arange(len(scores))
+        if keep_top > 0:
+            top = set(ranking[:keep_top].tolist())
+            chosen = torch.tensor([i for i in chosen.tolist() if i in top], dtype=torch.long)
+        values = scores.tolist()
+        mean = sum(values) / len(values)
+        text = f"{reward.describe()}\nmean {mean:.4f} over {len(values)}: " + ", ".join(f"{v:.4f}" for v in values)
+        if keep_top > 0:
+            text += f"\nkept {len(chosen)}: images " + ", ".join(str(i) for i in chosen.tolist())
+        kept = [values[i] for i in chosen.tolist()]
         # "text" is what the node shows; "scores" lets API clients read the numbers from /history.
-        return io.NodeOutput(json.dumps({"reward": reward.describe(), "scores": scores, "mean": mean}), mean,
-                             ui={"text": [text], "scores": scores})
+        return io.NodeOutput(json.dumps({"reward": reward.describe(), "scores": values, "mean": mean,
+                                         "kept_indices": chosen.tolist()}), mean,
+                             images[chosen.to(images.device)], kept, ui={"text": [text], "scores": values})
 
 
 class CombineRewards(io.ComfyNode):

@@ -1,6 +1,7 @@
 """Weight-free rewards give hand-computed values, validate their input, and declare what they are."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -162,3 +163,25 @@ def test_combine_node_through_executor(executor):
     }
     executor.run(prompt)
     assert executor.history["outputs"]["5"]["scores"] == pytest.approx([3.0 * 1.0 - 2.0 * 0.5], abs=1e-6)
+
+
+def test_score_node_sorts_and_keeps_the_top(executor):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x330000}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0xFF0000}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x990000}},
+        "4": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
+        "5": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["3", 0]}},
+        "6": {"class_type": "RewardSteerColorReward",
+              "inputs": {"mode": "channel weights", "red": 1.0, "green": 0.0, "blue": 0.0, "bias": 0.0}},
+        "7": {"class_type": "RewardSteerScoreImages",
+              "inputs": {"images": ["5", 0], "reward": ["6", 0], "prompt": "", "order": "best first",
+                         "keep_top": 2}},
+    }
+    out = executor.run(prompt)
+    result = json.loads(out["7"][0][0])
+    assert result["kept_indices"] == [1, 2]
+    kept = out["7"][2][0]
+    assert kept.shape[0] == 2 and float(kept[0, 0, 0, 0]) == pytest.approx(1.0) and \
+        float(kept[1, 0, 0, 0]) == pytest.approx(0x99 / 255, abs=1e-3)
+    assert out["7"][3] == pytest.approx([1.0, 0x99 / 255], abs=1e-3)
