@@ -15,6 +15,7 @@ NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("rewards", ()),
     ("demon", ()),
     ("smc", ()),
+    ("clip_rewards", ("open_clip",)),
 ]
 
 

@@ -8,7 +8,8 @@ import harness
 EXPECTED_NODE_IDS = {
     "RewardSteerReferenceModel", "RewardSteerReferenceExactTarget", "RewardSteerTinyTestModel",
     "RewardSteerColorReward", "RewardSteerImageSimilarityReward", "RewardSteerScoreImages",
-    "RewardSteerCombineRewards",
+    "RewardSteerCombineRewards", "RewardSteerLoadOpenClip", "RewardSteerAestheticReward",
+    "RewardSteerClipScoreReward",
     "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
     "RewardSteerSMCSampler", "RewardSteerKSamplerSMC", "RewardSteerBestOfN",
 }

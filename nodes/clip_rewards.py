@@ -1,0 +1,117 @@
+"""Reward nodes on CLIP models the user keeps in ComfyUI's models/ folders (needs open_clip_torch).
+
+models/open_clip   open_clip checkpoints (image + text towers); a same-named .json beside a file declares a
+                   custom architecture
+models/aesthetic   LAION aesthetic predictor heads (.pth / .safetensors)
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import open_clip
+from comfy_api.latest import io
+
+from ..rewards.aesthetic import AestheticHead, AestheticReward
+from ..rewards.clip_common import _load_state_dict, load_open_clip
+from ..rewards.clip_score import ClipScoreReward
+from .types import Reward
+
+CATEGORY = "reward_steering/rewards"
+OpenClip = io.Custom("OPEN_CLIP")
+FOLDERS = ("open_clip", "aesthetic")
+
+
+def register_folders() -> None:
+    for name in FOLDERS:
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)],
+                                                         set(folder_paths.supported_pt_extensions))
+
+
+register_folders()
+
+
+def resolve(folder: str, filename: str) -> str:
+    """Full path of a file in a models/ folder, or an error that says where to put it and what is there."""
+    path = folder_paths.get_full_path(folder, filename)
+    if path is None:
+        found = folder_paths.get_filename_list(folder)
+        dirs = folder_paths.get_folder_paths(folder)
+        raise FileNotFoundError(f"put {filename} in models/{folder} ({', '.join(dirs)}); files found there: "
+                                f"{', '.join(found) if found else 'none'}")
+    return path
+
+
+_cache: dict = {}
+
+
+def cached(key, build):
+    """Models stay loaded across queued prompts (ComfyUI's memory manager may still offload them)."""
+    if key not in _cache:
+        _cache[key] = build()
+    return _cache[key]
+
+
+class LoadOpenClip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerLoadOpenClip",
+            display_name="Load OpenCLIP (for rewards)",
+            category=CATEGORY,
+            description="An open_clip model from models/open_clip for the CLIP-score and aesthetic rewards. "
+                        "Pick the architecture the file was trained with (ViT-L-14 for the LAION aesthetic head).",
+            inputs=[io.Combo.Input("architecture", options=open_clip.list_models(), default="ViT-L-14"),
+                    io.Combo.Input("weights", options=folder_paths.get_filename_list("open_clip"))],
+            outputs=[OpenClip.Output(display_name="clip")],
+        )
+
+    @classmethod
+    def execute(cls, architecture, weights) -> io.NodeOutput:
+        path = resolve("open_clip", weights)
+        return io.NodeOutput(cached(("open_clip", architecture, path, os.path.getmtime(path)),
+                                    lambda: load_open_clip(architecture, path)))
+
+
+class AestheticRewardNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerAestheticReward",
+            display_name="LAION Aesthetic Reward",
+            category=CATEGORY,
+            description="LAION improved aesthetic predictor: the head from models/aesthetic on the CLIP image "
+                        "embedding (L2-normalised). Scores roughly 1..10. Differentiable.",
+            inputs=[OpenClip.Input("clip"),
+                    io.Combo.Input("head", options=folder_paths.get_filename_list("aesthetic"))],
+            outputs=[Reward.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, clip, head) -> io.NodeOutput:
+        path = resolve("aesthetic", head)
+        module = cached(("aesthetic", path, os.path.getmtime(path)), lambda: AestheticHead(_load_state_dict(path)))
+        return io.NodeOutput(AestheticReward(clip, module, head))
+
+
+class ClipScoreRewardNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerClipScoreReward",
+            display_name="CLIP Score Reward",
+            category=CATEGORY,
+            description="Cosine between each image and the text (empty: the prompt given to the sampler or Score "
+                        "node), minus the cosine to the negative text if given. Differentiable.",
+            inputs=[OpenClip.Input("clip"), io.String.Input("text", default="", multiline=True),
+                    io.String.Input("negative_text", default="", multiline=True)],
+            outputs=[Reward.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, negative_text) -> io.NodeOutput:
+        return io.NodeOutput(ClipScoreReward(clip, text, negative_text))
+
+
+NODES = [LoadOpenClip, AestheticRewardNode, ClipScoreRewardNode]

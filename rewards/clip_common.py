@@ -1,0 +1,105 @@
+"""Shared by the CLIP-based rewards: on-device CLIP preprocessing and an open_clip model managed by ComfyUI.
+
+Not a reward itself: aesthetic.py and clip_score.py build on it.
+"""
+from __future__ import annotations
+
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[B, H, W, 3] in [0, 1] -> normalised [B, 3, size, size]: shorter side resized to `size` (bicubic), centre
+    crop, CLIP mean/std.  On the images' device, batched, differentiable (no PIL round trip)."""
+    x = images.movedim(-1, 1)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
+                                            antialias=scale < 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class OpenClipModel:
+    """An open_clip model (image + text towers) placed on the GPU through ComfyUI's model management, so ComfyUI
+    accounts for it and can offload it when the diffusion model needs room."""
+
+    def __init__(self, model, tokenizer, arch: str, source: str):
+        import comfy.model_management
+        import comfy.model_patcher
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.source = source
+        self.image_size = int(getattr(model.visual, "image_size", (224, 224))[0]
+                              if isinstance(getattr(model.visual, "image_size", 224), (tuple, list))
+                              else getattr(model.visual, "image_size", 224))
+        self.patcher = comfy.model_patcher.ModelPatcher(self.model,
+                                                        load_device=comfy.model_management.get_torch_device(),
+                                                        offload_device=comfy.model_management.unet_offload_device())
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.model.visual, "proj", None)
+        if proj is not None:
+            return proj.shape[1]
+        return self.model.visual.output_dim
+
+    def device(self) -> torch.device:
+        import comfy.model_management
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.patcher.load_device
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D] (differentiable w.r.t. the images)."""
+        device = self.device()
+        x = clip_preprocess(images.to(device, torch.float32), self.image_size)
+        emb = self.model.encode_image(x)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        device = self.device()
+        tokens = self.tokenizer(texts).to(device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def describe(self) -> str:
+        return f"{self.arch} ({self.source})"
+
+
+def load_open_clip(arch: str, weights_path: str) -> OpenClipModel:
+    """An open_clip architecture with weights from a local file (no downloads).  A JSON config beside the file
+    (same name, .json) registers a custom architecture first."""
+    import os
+
+    import open_clip
+    config = os.path.splitext(weights_path)[0] + ".json"
+    if os.path.exists(config):
+        open_clip.add_model_config(config)
+        arch = os.path.splitext(os.path.basename(config))[0]
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models()[:8])}...")
+    with torch.inference_mode(False):
+        model = open_clip.create_model(arch, pretrained=None, load_weights=False)
+        state = _load_state_dict(weights_path)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{os.path.basename(weights_path)} does not fit the {arch} architecture: "
+                             f"{str(e).splitlines()[0]} (pick the architecture the file was trained with)") from None
+    return OpenClipModel(model, open_clip.get_tokenizer(arch), arch, os.path.basename(weights_path))
+
+
+def _load_state_dict(path: str) -> dict:
+    import comfy.utils
+    state = comfy.utils.load_torch_file(path, safe_load=True)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

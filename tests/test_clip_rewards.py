@@ -1,0 +1,143 @@
+"""CLIP-based rewards on real open_clip architecture code with weights the tests create (no downloads)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import harness
+
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, pack):
+    """A tiny open_clip checkpoint (+ its architecture JSON) and an aesthetic head with the official key names,
+    in folders registered with ComfyUI's folder_paths like models/open_clip and models/aesthetic."""
+    import folder_paths
+    import open_clip
+    from safetensors.torch import save_file
+    harness.pack_submodule("nodes.clip_rewards")   # registers the folders
+    root = tmp_path_factory.mktemp("models")
+    clip_dir, head_dir = root / "open_clip", root / "aesthetic"
+    clip_dir.mkdir()
+    head_dir.mkdir()
+    (clip_dir / "tiny-test-clip.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(str(clip_dir / "tiny-test-clip.json"))
+    torch.manual_seed(0)
+    with torch.inference_mode(False):
+        model = open_clip.create_model("tiny-test-clip", pretrained=None, load_weights=False)
+        for p in model.parameters():
+            p.data.normal_(0, 0.05)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clip_dir / "tiny-test-clip.safetensors"))
+        gen = torch.Generator().manual_seed(1)
+        dims = [32, 1024, 128, 64, 16, 1]
+        head = {}
+        for layer, (i, o) in zip((0, 2, 4, 6, 7), zip(dims[:-1], dims[1:])):
+            head[f"layers.{layer}.weight"] = torch.randn(o, i, generator=gen) * 0.1
+            head[f"layers.{layer}.bias"] = torch.randn(o, generator=gen) * 0.1
+        torch.save(head, head_dir / "tiny-head.pth")
+        bad = dict(head)
+        bad["layers.0.weight"] = torch.randn(1024, 768, generator=gen)
+        torch.save(bad, head_dir / "vit-l-head.pth")
+    folder_paths.add_model_folder_path("open_clip", str(clip_dir))
+    folder_paths.add_model_folder_path("aesthetic", str(head_dir))
+    return clip_dir, head_dir, model
+
+
+def load(model_dirs):
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    return nodes.LoadOpenClip.execute("ViT-B-32", "tiny-test-clip.safetensors")[0]
+
+
+def test_loader_reads_the_real_format_from_the_registered_folder(model_dirs):
+    clip = load(model_dirs)
+    original = model_dirs[2].state_dict()
+    loaded = clip.model.state_dict()
+    assert set(original) == set(loaded)
+    assert all(torch.equal(original[k], loaded[k]) for k in original)
+    assert clip.arch == "tiny-test-clip" and clip.embed_dim == 32
+    assert load(model_dirs) is clip      # kept across prompts
+
+
+def test_aesthetic_equals_hand_computed_pipeline(model_dirs):
+    clip = load(model_dirs)
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    reward = nodes.AestheticRewardNode.execute(clip, "tiny-head.pth")[0]
+    images = torch.rand(3, 48, 64, 3, generator=torch.Generator().manual_seed(2))
+    got = reward(images)
+    # by hand: shorter side 48 -> 32 (bicubic, antialiased), centre crop 32x32, CLIP mean/std, embed, L2, MLP
+    x = torch.nn.functional.interpolate(images.movedim(-1, 1), size=(32, 43), mode="bicubic", align_corners=False,
+                                        antialias=True)[..., 5:37]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        emb = clip.model.encode_image((x - mean) / std)
+    h = emb / emb.norm(dim=-1, keepdim=True)
+    state = torch.load(model_dirs[1] / "tiny-head.pth")
+    for layer in (0, 2, 4, 6, 7):
+        h = h @ state[f"layers.{layer}.weight"].T + state[f"layers.{layer}.bias"]
+    assert torch.allclose(got, h.squeeze(-1), atol=1e-5)
+
+
+def test_clip_score_equals_direct_cosine_and_uses_the_prompt(model_dirs):
+    import open_clip
+    clip = load(model_dirs)
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(3))
+    x = (images.movedim(-1, 1) - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(clip.model.encode_image(x), dim=-1)
+        cat = torch.nn.functional.normalize(clip.model.encode_text(tok(["a cat"])), dim=-1)
+        dog = torch.nn.functional.normalize(clip.model.encode_text(tok(["a dog"])), dim=-1)
+    fixed = nodes.ClipScoreRewardNode.execute(clip, "a cat", "")[0]
+    assert torch.allclose(fixed(images), (img * cat).sum(-1), atol=1e-5)
+    contrast = nodes.ClipScoreRewardNode.execute(clip, "a cat", "a dog")[0]
+    assert torch.allclose(contrast(images), (img * cat).sum(-1) - (img * dog).sum(-1), atol=1e-5)
+    from_prompt = nodes.ClipScoreRewardNode.execute(clip, "", "")[0]
+    assert from_prompt.needs_prompt and from_prompt.differentiable
+    assert torch.allclose(from_prompt(images, ["a cat", "a dog"]), torch.stack([(img[0] * cat[0]).sum(),
+                                                                                (img[1] * dog[0]).sum()]), atol=1e-5)
+
+
+def test_clip_reward_drives_a_demon_run_in_the_executor(executor, model_dirs):
+    prompt = {
+        "1": {"class_type": "RewardSteerReferenceModel",
+              "inputs": {"parametrization": "flow", "components": 8, "spread": 0.1, "weights": ""}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 2}},
+        "3": {"class_type": "RewardSteerLoadOpenClip",
+              "inputs": {"architecture": "ViT-B-32", "weights": "tiny-test-clip.safetensors"}},
+        "4": {"class_type": "RewardSteerAestheticReward", "inputs": {"clip": ["3", 0], "head": "tiny-head.pth"}},
+        "5": {"class_type": "RewardSteerKSamplerDemon",
+              "inputs": {"model": ["1", 0], "seed": 1, "steps": 6, "cfg": 1.0, "scheduler": "simple",
+                         "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                         "reward": ["4", 0], "vae": ["1", 1], "k": 4, "beta": 0.1, "weighting": "tanh", "tau": 0.0,
+                         "estimator": "tweedie", "max_rollout_steps": 20, "min_sigma": 0.0, "start": 0.0,
+                         "end": 1.0, "chunk_items": 0, "budget": 0, "decoder": "vae", "prompt": ""}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 1]}},
+        "7": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["6", 0], "reward": ["4", 0]}},
+    }
+    executor.run(prompt)
+    scores = executor.history["outputs"]["7"]["scores"]
+    assert len(scores) == 2 and all(s == s for s in scores)
+
+
+def test_gradients_flow_and_bad_inputs_are_explained(model_dirs):
+    clip = load(model_dirs)
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    reward = nodes.AestheticRewardNode.execute(clip, "tiny-head.pth")[0]
+    with torch.inference_mode(False), torch.enable_grad():
+        images = torch.rand(2, 40, 40, 4, requires_grad=True)      # any size, with an alpha channel
+        reward(images).sum().backward()
+    assert images.grad[..., :3].abs().sum() > 0 and images.grad[..., 3].abs().sum() == 0
+    with pytest.raises(ValueError, match="expects 768-d embeddings but the CLIP backbone .* gives 32-d"):
+        nodes.AestheticRewardNode.execute(clip, "vit-l-head.pth")
+    with pytest.raises(FileNotFoundError, match=r"put missing.pth in models/aesthetic .* tiny-head.pth"):
+        nodes.AestheticRewardNode.execute(clip, "missing.pth")
+    with pytest.raises(ValueError, match="empty"):
+        reward(torch.zeros(0, 8, 8, 3))
