@@ -24,9 +24,11 @@ FOLDERS = ("open_clip", "aesthetic")
 
 def register_folders() -> None:
     for name in FOLDERS:
-        if name not in folder_paths.folder_names_and_paths:
-            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)],
-                                                         set(folder_paths.supported_pt_extensions))
+        default = os.path.join(folder_paths.models_dir, name)
+        paths, extensions = folder_paths.folder_names_and_paths.get(name, ([], set()))
+        # an extra_model_paths.yaml may have created the entry first, with no extension filter
+        folder_paths.folder_names_and_paths[name] = (paths + ([default] if default not in paths else []),
+                                                     set(extensions) | set(folder_paths.supported_pt_extensions))
 
 
 register_folders()

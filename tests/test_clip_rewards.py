@@ -141,3 +141,30 @@ def test_gradients_flow_and_bad_inputs_are_explained(model_dirs):
         nodes.AestheticRewardNode.execute(clip, "missing.pth")
     with pytest.raises(ValueError, match="empty"):
         reward(torch.zeros(0, 8, 8, 3))
+
+
+def test_clip_nodes_over_http_with_files_from_extra_model_paths(model_dirs, tmp_path):
+    """A real server finds the user's files through extra_model_paths.yaml and scores with both CLIP rewards."""
+    from comfy_client import ComfyServer
+    clip_dir, head_dir, _ = model_dirs
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"tests:\n    open_clip: {clip_dir}\n    aesthetic: {head_dir}\n")
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 40, "batch_size": 3, "color": 0x884422}},
+        "2": {"class_type": "RewardSteerLoadOpenClip",
+              "inputs": {"architecture": "ViT-B-32", "weights": "tiny-test-clip.safetensors"}},
+        "3": {"class_type": "RewardSteerAestheticReward", "inputs": {"clip": ["2", 0], "head": "tiny-head.pth"}},
+        "4": {"class_type": "RewardSteerClipScoreReward",
+              "inputs": {"clip": ["2", 0], "text": "", "negative_text": "a dog"}},
+        "5": {"class_type": "RewardSteerCombineRewards",
+              "inputs": {"normalisation": "none", "reward_1": ["3", 0], "weight_1": 1.0, "reward_2": ["4", 0],
+                         "weight_2": 2.0}},
+        "6": {"class_type": "RewardSteerScoreImages",
+              "inputs": {"images": ["1", 0], "reward": ["5", 0], "prompt": "a cat"}},
+    }
+    with ComfyServer(output_dir=tmp_path / "out", extra_args=["--extra-model-paths-config", str(config)],
+                     log_path=tmp_path / "server.log") as server:
+        info = server.get("/object_info/RewardSteerAestheticReward")
+        assert "tiny-head.pth" in info["RewardSteerAestheticReward"]["input"]["required"]["head"][1]["options"]
+        scores = server.run(prompt, timeout=300)["outputs"]["6"]["scores"]
+    assert len(scores) == 3 and len(set(round(s, 6) for s in scores)) == 1   # identical images, identical scores
