@@ -14,7 +14,7 @@ from tqdm.auto import trange
 
 from .estimators import ESTIMATORS, estimate_x0, rollout_cost
 from .model_calls import ComputeCounter, denoise, items_per_call
-from .scoring import SteeringInputError, finite_or_flat
+from .scoring import SteeringInputError, finite_or_flat, require_choice
 from .sde import noise_generator, sde_step, uses_flow
 
 WEIGHTINGS = ("tanh", "boltzmann")
@@ -98,10 +98,8 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
     report(dict) receives each step's statistics and, at the end, the totals."""
     if k < 1:
         raise SteeringInputError(f"K (candidates per step) must be at least 1, got {k}")
-    if estimator not in ESTIMATORS:
-        raise SteeringInputError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if weighting not in WEIGHTINGS:
-        raise SteeringInputError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    require_choice("estimator", estimator, ESTIMATORS)
+    require_choice("weighting", weighting, WEIGHTINGS)
     extra_args = {} if extra_args is None else extra_args
     batch = x.shape[0]
     flow = uses_flow(model)

@@ -12,6 +12,11 @@ class SteeringInputError(ValueError):
     """A steering sampler was given inputs that cannot work together; the message names the input."""
 
 
+def require_choice(name: str, value, options) -> None:
+    if value not in options:
+        raise SteeringInputError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
 def check_vae_matches(vae, latent_channels: int) -> None:
     vae_channels = getattr(vae, "latent_channels", None)
     if vae_channels is not None and vae_channels != latent_channels:

@@ -19,7 +19,7 @@ from tqdm.auto import trange
 
 from .model_calls import ComputeCounter, allow_gradients_through, base_model_of, denoise, items_per_call
 from .resampling import RESAMPLERS, effective_sample_size, normalise_log_weights, resample_indices
-from .scoring import SteeringInputError, finite_or_flat
+from .scoring import SteeringInputError, finite_or_flat, require_choice
 from .sde import fresh_fraction_eta, noise_generator, step_mean_std, uses_flow
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
@@ -133,12 +133,9 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     with differentiable=True, or None for no gradient guidance)."""
     if particles < 1:
         raise SteeringInputError(f"particles must be at least 1, got {particles}")
-    if potential not in POTENTIALS:
-        raise SteeringInputError(f"potential must be one of {POTENTIALS}, got {potential!r}")
-    if resampling not in RESAMPLERS:
-        raise SteeringInputError(f"resampling must be one of {RESAMPLERS}, got {resampling!r}")
-    if output not in OUTPUTS:
-        raise SteeringInputError(f"output must be one of {OUTPUTS}, got {output!r}")
+    require_choice("potential", potential, POTENTIALS)
+    require_choice("resampling", resampling, RESAMPLERS)
+    require_choice("output", output, OUTPUTS)
     extra_args = {} if extra_args is None else extra_args
     steps = len(sigmas) - 1
     scheduled = reward_steps(steps, start, end, interval)
