@@ -1,15 +1,13 @@
 """Demon sampler nodes: a SAMPLER for SamplerCustom / SamplerCustomAdvanced, and an all-in-one KSampler."""
 from __future__ import annotations
 
-import functools
-
 import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers.demon import WEIGHTINGS, sample_demon
 from ..samplers.estimators import ESTIMATORS
 from ..samplers.scoring import DECODERS, make_latent_scorer
-from .sampling import TraceRecorder, ksampler_inputs, plot_trace, run_sampler, sigmas_for
+from .sampling import TraceRecorder, ksampler_inputs, plot_trace, run_steering_ksampler
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -102,14 +100,10 @@ class KSamplerDemon(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise,
                 **steering) -> io.NodeOutput:
-        sigmas = sigmas_for(model, scheduler, steps, denoise)
-        recorder = TraceRecorder(len(sigmas) - 1)
-        sampler = comfy.samplers.KSAMPLER(functools.partial(sample_demon, report=recorder),
-                                          extra_options=demon_options(**steering))
-        out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, latent_image)
-        summary = recorder.summary or {}
-        plot = plot_trace(summary.get("trace", []), f"Demon: reward per step ({steering['reward'].describe()})")
-        totals = {key: value for key, value in summary.items() if key != "trace"}
+        recorder = TraceRecorder(steps)
+        out, totals, trace = run_steering_ksampler(sample_demon, demon_options(**steering), recorder, model, seed,
+                                                   steps, cfg, scheduler, positive, negative, latent_image, denoise)
+        plot = plot_trace(trace, f"Demon: reward per step ({steering['reward'].describe()})")
         return io.NodeOutput(out, recorder.json(), plot, ui={"demon": [totals]})
 
 

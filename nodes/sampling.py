@@ -2,6 +2,7 @@
 node, and draw reward traces."""
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -53,6 +54,18 @@ def run_sampler(model, sampler, sigmas, seed: int, cfg: float, positive, negativ
     out = latent.copy()
     out["samples"] = samples
     return out
+
+
+def run_steering_ksampler(sample_fn, options: dict, recorder, model, seed, steps, cfg, scheduler, positive,
+                          negative, latent_image, denoise):
+    """The all-in-one nodes: KSampler's sigmas and noise, a steering sampler function reporting to `recorder`.
+    Returns (latent, summary without the per-step trace, trace)."""
+    sigmas = sigmas_for(model, scheduler, steps, denoise)
+    recorder.total_steps = len(sigmas) - 1
+    sampler = comfy.samplers.KSAMPLER(functools.partial(sample_fn, report=recorder), extra_options=options)
+    out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, latent_image)
+    summary = dict(recorder.summary or {})
+    return out, summary, summary.pop("trace", [])
 
 
 def show_text_on_node(text: str) -> None:

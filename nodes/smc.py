@@ -1,7 +1,6 @@
 """SMC / FK steering nodes (a SAMPLER and an all-in-one KSampler) and the Best-of-N baseline node."""
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
@@ -12,8 +11,8 @@ from comfy_api.latest import io
 from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
-from .sampling import (TraceRecorder, batch_mean_series, ksampler_inputs, plot_panels, run_sampler, show_text_on_node,
-                       sigmas_for)
+from .sampling import (TraceRecorder, batch_mean_series, ksampler_inputs, plot_panels, run_sampler,
+                       run_steering_ksampler, show_text_on_node, sigmas_for)
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -134,17 +133,13 @@ class KSamplerSMC(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise,
                 **steering) -> io.NodeOutput:
-        sigmas = sigmas_for(model, scheduler, steps, denoise)
-        recorder = SMCRecorder(len(sigmas) - 1)
-        sampler = comfy.samplers.KSAMPLER(functools.partial(sample_smc, report=recorder),
-                                          extra_options=smc_options(**steering))
-        out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, latent_image)
+        recorder = SMCRecorder(steps)
+        out, totals, trace = run_steering_ksampler(sample_smc, smc_options(**steering), recorder, model, seed,
+                                                   steps, cfg, scheduler, positive, negative, latent_image, denoise)
         if out["samples"].shape[0] != latent_image["samples"].shape[0]:
             out.pop("noise_mask", None)  # "all" returns every particle; a per-item mask no longer lines up
             out.pop("batch_index", None)
-        summary = recorder.summary or {}
-        plot = plot_smc(summary.get("trace", []), f"SMC: reward per step ({steering['reward'].describe()})")
-        totals = {key: value for key, value in summary.items() if key != "trace"}
+        plot = plot_smc(trace, f"SMC: reward per step ({steering['reward'].describe()})")
         return io.NodeOutput(out, recorder.json(), plot, ui={"smc": [totals]})
 
 

@@ -123,3 +123,23 @@ class InProcessExecutor:
                 results[node_id] = entry.outputs if hasattr(entry, "outputs") else entry
         self.history = self.executor.history_result
         return results
+
+
+def reference_model_node(parametrization: str = "eps", weights: str = "") -> dict:
+    return {"class_type": "RewardSteerReferenceModel",
+            "inputs": {"parametrization": parametrization, "components": 8, "spread": 0.1, "weights": weights}}
+
+
+def masked_img2img_graph(parametrization: str) -> dict:
+    """Nodes 1-7: the reference model, a batch of 2 encoded images, and a noise mask on their left half (node 7
+    is the masked LATENT, node 3 the unmasked encoding)."""
+    return {
+        "1": reference_model_node(parametrization),
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 1]}},
+        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 0, "y": 0,
+                                                        "operation": "add"}},
+        "7": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["3", 0], "mask": ["6", 0]}},
+    }

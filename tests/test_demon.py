@@ -289,15 +289,7 @@ def test_inpainting_mask_and_img2img_with_batch_of_two(executor):
     """denoise < 1 from an encoded image, with a noise mask on the left half and B = 2 (the inpainting wrapper's
     batch-B latent and mask are tiled to K*B): the unmasked half comes back exactly as it went in."""
     prompt = {
-        "1": {"class_type": "RewardSteerReferenceModel",
-              "inputs": {"parametrization": "eps", "components": 8, "spread": 0.1, "weights": ""}},
-        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 1]}},
-        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
-        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
-        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 0, "y": 0,
-                                                        "operation": "add"}},
-        "7": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["3", 0], "mask": ["6", 0]}},
+        **harness.masked_img2img_graph("eps"),
         "8": {"class_type": "RewardSteerColorReward", "inputs": dict(RED)},
         "9": {"class_type": "RewardSteerKSamplerDemon",
               "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["7", 0],

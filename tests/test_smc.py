@@ -287,15 +287,7 @@ def test_tiny_unet_through_the_all_in_one_node(executor):
 
 def test_masked_img2img_keeps_the_unmasked_half(executor):
     prompt = {
-        "1": {"class_type": "RewardSteerReferenceModel",
-              "inputs": {"parametrization": "flow", "components": 8, "spread": 0.1, "weights": ""}},
-        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 1]}},
-        "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
-        "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
-        "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 0, "y": 0,
-                                                        "operation": "add"}},
-        "7": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["3", 0], "mask": ["6", 0]}},
+        **harness.masked_img2img_graph("flow"),
         "8": {"class_type": "RewardSteerColorReward",
               "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}},
         "9": {"class_type": "RewardSteerKSamplerSMC",
