@@ -44,7 +44,7 @@ class AestheticReward(Reward):
         self.clip, self.head = clip, head
         self.name = f"LAION aesthetic ({head_name} on {clip.describe()})"
 
-    def score(self, images, prompts=None):
+    def score(self, images, prompts=None, context=None):  # scores each image alone
         emb = self.clip.image_embeddings(images)
         head = self.head.to(emb.device)
         return head(emb)

@@ -4,10 +4,15 @@ Every reward in this folder subclasses `Reward`, implements `score`, and declare
   differentiable  gradients flow from the scores back to the pixels (gradient-guided SMC needs this)
   needs_prompt    the score depends on the text prompt; callers must pass one prompt per image
   linear          the score is affine in the pixels, so the exact tilted law of the reference model is known
-Callers use `reward(images, prompts)`, which validates the input and the output once for every reward.
+Callers use `reward(images, prompts, context)`, which validates the input and the output once for every reward.
+
+A sampler scores K candidates for each of its B batch items in one call; `ScoringContext` tells a reward which
+images are candidates for the same item and at which step, so that rewards which compare candidates (a VLM
+tournament, a person picking) compare only like with like.  Rewards that score each image alone ignore it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -40,19 +45,43 @@ def as_image_batch(images, who: str) -> torch.Tensor:
     return images if images.dtype.is_floating_point else images.float() / 255.0
 
 
+@dataclass(frozen=True)
+class ScoringContext:
+    """What the caller knows about a batch of images it asks to have scored."""
+    groups: tuple[int, ...] | None = None  # per image, the batch item it is a candidate for (None: one group)
+    step: int | None = None                # sampling step (0-based) the candidates come from
+    steps: int | None = None               # number of steps in the run
+
+    def group_indices(self, n: int) -> list[list[int]]:
+        """Image indices of each group, groups in order of first appearance."""
+        if self.groups is None:
+            return [list(range(n))]
+        if len(self.groups) != n:
+            raise RewardInputError(f"scoring context names groups for {len(self.groups)} images, got {n} images")
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(self.groups):
+            members.setdefault(group, []).append(index)
+        return list(members.values())
+
+
+NO_CONTEXT = ScoringContext()
+
+
 class Reward:
     name: str = "reward"
     differentiable: bool = False
     needs_prompt: bool = False
     linear: bool = False
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: Sequence[str] | None,
+              context: ScoringContext = NO_CONTEXT) -> torch.Tensor:
         raise NotImplementedError
 
     def describe(self) -> str:
         return self.name
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
+                 context: ScoringContext | None = None) -> torch.Tensor:
         images = as_image_batch(images, self.name)
         if self.needs_prompt:
             if prompts is None or len(prompts) == 0:
@@ -62,7 +91,7 @@ class Reward:
                 prompts = list(prompts) * images.shape[0]
             if len(prompts) != images.shape[0]:
                 raise RewardInputError(f"{self.name}: {len(prompts)} prompts for {images.shape[0]} images")
-        scores = self.score(images, prompts)
+        scores = self.score(images, prompts, context or NO_CONTEXT)
         if scores.shape != (images.shape[0],):
             raise RuntimeError(f"{self.name} returned scores of shape {tuple(scores.shape)} "
                                f"for {images.shape[0]} images (expected [{images.shape[0]}])")

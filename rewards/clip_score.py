@@ -14,7 +14,7 @@ class ClipScoreReward(Reward):
         self.name = f"CLIP score vs {what}" + (f" minus '{self.negative_text}'" if self.negative_text else "") + \
             f" ({clip.describe()})"
 
-    def score(self, images, prompts=None):
+    def score(self, images, prompts=None, context=None):  # scores each image alone
         img = self.clip.image_embeddings(images)
         texts = [self.text] * images.shape[0] if self.text else list(prompts)
         txt = self.clip.text_embeddings(texts).to(img.device)

@@ -1,6 +1,7 @@
 """Weighted sum of several rewards, each normalised first so rewards of different scales mix safely.
 
-normalisation (per reward, over the images of one call -- the candidates being compared):
+normalisation (per reward, over the candidates being compared: the images of one group of the scoring context,
+or all images of the call when the caller gives no groups):
   none    the raw score
   zscore  (r - mean) / std   (0 when all candidates score the same)
   rank    rank in [0, 1] (ties share their mean rank); not differentiable
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Reward
+from .base import NO_CONTEXT, Reward, ScoringContext
 
 NORMALISATIONS = ("none", "zscore", "rank")
 
@@ -33,6 +34,17 @@ def normalise(scores: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
 
 
+def normalise_groups(scores: torch.Tensor, how: str, context: ScoringContext) -> torch.Tensor:
+    """normalise() within each group of candidates separately."""
+    if how == "none":
+        return scores
+    out = torch.empty_like(scores)
+    for members in context.group_indices(scores.shape[0]):
+        idx = torch.tensor(members, device=scores.device)
+        out = out.index_copy(0, idx, normalise(scores[idx], how))
+    return out
+
+
 class CompositeReward(Reward):
     def __init__(self, parts: Sequence[tuple[Reward, float]], normalisation: str = "none"):
         if not parts:
@@ -46,9 +58,10 @@ class CompositeReward(Reward):
         self.linear = normalisation == "none" and all(r.linear for r, _ in self.parts)
         self.name = " + ".join(f"{w:g}*[{r.describe()}]" for r, w in self.parts) + f" ({normalisation})"
 
-    def score(self, images, prompts=None):
+    def score(self, images, prompts=None, context=NO_CONTEXT):
         total = None
         for reward, weight in self.parts:
-            part = weight * normalise(reward(images, prompts if reward.needs_prompt else None), self.normalisation)
+            raw = reward(images, prompts if reward.needs_prompt else None, context)
+            part = weight * normalise_groups(raw, self.normalisation, context)
             total = part if total is None else total + part.to(total.device)
         return total

@@ -34,7 +34,7 @@ class ImageSimilarityReward(Reward):
                                                   mode="bilinear", align_corners=False).movedim(1, -1)
         return ref.expand(images.shape[0], -1, -1, -1)
 
-    def score(self, images, prompts=None):
+    def score(self, images, prompts=None, context=None):  # scores each image alone
         ref = self._reference_for(images)
         if self.metric == "neg_mse":
             return -((images - ref) ** 2).mean(dim=(1, 2, 3))

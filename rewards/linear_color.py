@@ -34,6 +34,6 @@ class LinearColorReward(Reward):
         bias = -sum(u * g for u, g in zip(unit, GREY))
         return cls(unit, bias, label="toward colour (" + ", ".join(f"{t:.2f}" for t in target) + ")")
 
-    def score(self, images, prompts=None):
+    def score(self, images, prompts=None, context=None):  # scores each image alone
         w = torch.tensor(self.weights, dtype=images.dtype, device=images.device)
         return images.mean(dim=(1, 2)) @ w + self.bias

@@ -94,7 +94,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
                  beta: float = 0.1, weighting: str = "tanh", tau: float | None = None, estimator: str = "tweedie",
                  max_rollout_steps: int = 20, min_sigma: float = 0.0, start: float = 0.0, end: float = 1.0,
                  chunk_items: int = 0, budget: float = 0.0, report=None):
-    """A ComfyUI sampler function.  score_fn(model, x0, batch, counter) -> rewards [n] (samplers/scoring.py).
+    """A ComfyUI sampler function.  score_fn(model, x0, batch, counter, step) -> rewards [n] (samplers/scoring.py).
     report(dict) receives each step's statistics and, at the end, the totals."""
     if k < 1:
         raise SteeringInputError(f"K (candidates per step) must be at least 1, got {k}")
@@ -122,7 +122,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
                                   sigma, sigma_next, noises.reshape(k * batch, *x.shape[1:]), beta, flow)
             x0 = estimate_x0(model, candidates, sigma_next, extra_args, batch, chunk, counter, estimator=estimator,
                              flow=flow, sigma_min=sigma_min, sigma_max=sigma_max, max_steps=max_rollout_steps)
-            rewards = score_fn(model, x0, batch, counter).reshape(k, batch)
+            rewards = score_fn(model, x0, batch, counter, step=(i, len(sigmas) - 1)).reshape(k, batch)
             clean, ok = finite_or_flat(rewards, "the reward")
             weights = demon_weights(clean, weighting, tau)
             weights = torch.where(ok[None, :], weights, torch.ones_like(weights)).to(x)

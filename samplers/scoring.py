@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from ..rewards.base import ScoringContext
 from .model_calls import ComputeCounter, allow_gradients_through, base_model_of
 
 
@@ -53,8 +54,9 @@ def latent_rgb_decode(base_model, x0: torch.Tensor) -> torch.Tensor:
 
 def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differentiable: bool = False,
                        decoder: str = "vae"):
-    """score(model, x0, batch, counter) -> float32 rewards [n] for n = k*batch candidate-major x0: detached on the
-    CPU, or (differentiable=True) on x0's device with the graph back to x0, for gradient-guided proposals.
+    """score(model, x0, batch, counter, step=None) -> float32 rewards [n] for n = k*batch candidate-major x0: detached
+    on the CPU, or (differentiable=True) on x0's device with the graph back to x0, for gradient-guided proposals.
+    step = (i, steps) is passed on to the reward in its ScoringContext, with the batch item of each candidate.
     decoder: 'vae' (the VAE given) or 'latent_rgb' (the live-preview projection, nearly free)."""
     if decoder not in DECODERS:
         raise SteeringInputError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -62,7 +64,7 @@ def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differenti
         raise SteeringInputError(f"gradient guidance needs a differentiable reward, and {reward.describe()} is not; "
                                  "turn gradient guidance off (gradient-free SMC works with any reward)")
 
-    def score(model, x0: torch.Tensor, batch: int, counter: ComputeCounter) -> torch.Tensor:
+    def score(model, x0: torch.Tensor, batch: int, counter: ComputeCounter, step: tuple[int, int] | None = None):
         if decoder == "latent_rgb":
             images = latent_rgb_decode(base_model_of(model), x0)
         else:
@@ -73,7 +75,9 @@ def make_latent_scorer(vae, reward, prompts: list[str] | None = None, differenti
             if images.ndim == 5:  # video VAEs: frames into the batch
                 images = images.reshape(-1, *images.shape[-3:])
         counter.decode_items += x0.shape[0]
-        scores = reward(images, _item_prompts(prompts, batch, x0.shape[0]))
+        context = ScoringContext(groups=tuple(j % batch for j in range(images.shape[0])) if images.shape[0] == x0.shape[0]
+                                 else None, step=step[0] if step else None, steps=step[1] if step else None)
+        scores = reward(images, _item_prompts(prompts, batch, x0.shape[0]), context)
         counter.reward_items += x0.shape[0]
         return scores.float() if differentiable else scores.detach().float().cpu()
 

@@ -167,7 +167,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
             denoised = denoise(model, xs, sigma, extra_args, batch, chunk, counter)
         stats = {"step": i, "sigma": sigma, "lambda": lams[i] if not final else lam}
         if scheduled[i]:
-            r = (r_guided.cpu() if guided else score_fn(model, denoised, batch, counter)).double()
+            r = (r_guided.cpu() if guided else score_fn(model, denoised, batch, counter, step=(i, steps))).double()
             r, ok = finite_or_flat(r.reshape(n, batch), "the reward")
             r = r.T.contiguous()                                   # [B, N]
             g = pop.log_potential(potential, lams[i], r, final, lam)

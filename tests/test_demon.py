@@ -129,13 +129,17 @@ class PromptColourReward:
     differentiable = linear = False
     targets = {"red": (0.9, 0.2, 0.2), "blue": (0.2, 0.2, 0.9)}
 
-    def __call__(self, images, prompts):
+    def __init__(self):
+        self.contexts = []
+
+    def __call__(self, images, prompts, context=None):
+        self.contexts.append(context)
         rewards = harness.pack_submodule("rewards")
         return torch.stack([rewards.LinearColorReward.toward(self.targets[p])(img[None])[0]
                             for img, p in zip(images, prompts)])
 
 
-def run_demon_direct(parametrization, prompts, chunk_items, k=8, batch=2, seed=0):
+def run_demon_direct(parametrization, prompts, chunk_items, k=8, batch=2, seed=0, reward=None):
     import comfy.sample
     import comfy.samplers
     cm = harness.pack_submodule("reference.comfy_model")
@@ -146,7 +150,7 @@ def run_demon_direct(parametrization, prompts, chunk_items, k=8, batch=2, seed=0
     latent = torch.zeros(batch, 3, 8, 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     cond = cm.neutral_conditioning()
-    score = scoring.make_latent_scorer(cm.ReferenceVAE(), PromptColourReward(), prompts)
+    score = scoring.make_latent_scorer(cm.ReferenceVAE(), reward or PromptColourReward(), prompts)
     sampler = comfy.samplers.KSAMPLER(demon.sample_demon, extra_options={
         "score_fn": score, "k": k, "beta": 0.2, "chunk_items": chunk_items})
     with torch.inference_mode():
@@ -166,7 +170,11 @@ def test_batch_items_follow_their_own_prompt_and_chunking_agrees():
         blues.append(float(blue(img[1:]) - blue(img[:1])))
     # item 0 is steered to red, item 1 to blue
     assert sum(r > 0 for r in reds) >= 5 and sum(b > 0 for b in blues) >= 5, (reds, blues)
-    whole = run_demon_direct("flow", ["red", "blue"], chunk_items=0, seed=9)
+    reward = PromptColourReward()
+    whole = run_demon_direct("flow", ["red", "blue"], chunk_items=0, seed=9, reward=reward)
+    # the reward is told which candidates belong to which item, and at which step
+    assert [c.groups for c in reward.contexts] == [(0, 1) * 8] * len(reward.contexts)
+    assert [c.step for c in reward.contexts] == list(range(len(reward.contexts))) and reward.contexts[0].steps == 20
     chunked = run_demon_direct("flow", ["red", "blue"], chunk_items=2, seed=9)
     assert torch.allclose(whole, chunked, atol=1e-5)
 
@@ -255,7 +263,7 @@ def test_wrong_shape_reward_is_named():
     class Broken(rewards.Reward):
         name = "broken reward"
 
-        def score(self, images, prompts):
+        def score(self, images, prompts, context=None):
             return torch.zeros(images.shape[0], 2)
 
     with pytest.raises(RuntimeError, match="broken reward returned scores of shape"):

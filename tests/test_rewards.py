@@ -89,7 +89,7 @@ def test_prompt_needing_reward_refuses_missing_prompt(rw):
         name = "needs-prompt"
         needs_prompt = True
 
-        def score(self, images, prompts):
+        def score(self, images, prompts, context=None):
             return torch.tensor([float(len(p)) for p in prompts])
 
     r = NeedsPrompt()
@@ -147,6 +147,22 @@ def test_composition_and_normalisation_maths_exact(rw):
     assert not ranked.differentiable
     with pytest.raises(ValueError, match="at least one reward"):
         rw.CompositeReward([], "none")
+
+
+def test_normalisation_is_within_each_group_of_candidates(rw):
+    """A sampler scores K candidates for B items in one call: z-score and rank compare only an item's own
+    candidates, so one item's high scores cannot drown another's."""
+    red = rw.LinearColorReward((1.0, 0.0, 0.0))
+    values = [0.1, 0.8, 0.3, 0.9, 0.2, 0.85]          # candidate-major: item 0 gets 0.1, 0.3, 0.2; item 1 the rest
+    images = torch.cat([solid((v, 0.0, 0.0)) for v in values])
+    context = rw.ScoringContext(groups=(0, 1, 0, 1, 0, 1), step=3, steps=10)
+    ranked = rw.CompositeReward([(red, 1.0)], "rank")(images, None, context)
+    assert torch.allclose(ranked, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 0.5]))
+    z = rw.CompositeReward([(red, 1.0)], "zscore")(images, None, context)
+    for group in ([0, 2, 4], [1, 3, 5]):
+        assert abs(float(z[group].mean())) < 1e-6 and abs(float(z[group].std(unbiased=False)) - 1) < 1e-5
+    with pytest.raises(rw.RewardInputError, match="groups for 2 images"):
+        rw.CompositeReward([(red, 1.0)], "rank")(images, None, rw.ScoringContext(groups=(0, 1)))
 
 
 def test_combine_node_through_executor(executor):
