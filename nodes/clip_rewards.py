@@ -3,6 +3,7 @@
 models/open_clip   open_clip checkpoints (image + text towers); a same-named .json beside a file declares a
                    custom architecture
 models/aesthetic   LAION aesthetic predictor heads (.pth / .safetensors)
+The aesthetic reward also takes ComfyUI's own CLIP vision model (core "Load CLIP Vision", models/clip_vision).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import open_clip
 from comfy_api.latest import io
 
 from ..rewards.aesthetic import AestheticHead, AestheticReward
-from ..rewards.clip_common import _load_state_dict, load_open_clip
+from ..rewards.clip_common import PRECISIONS, ComfyClipVision, _load_state_dict, load_open_clip
 from ..rewards.clip_score import ClipScoreReward
 from .types import Reward
 
@@ -65,15 +66,17 @@ class LoadOpenClip(io.ComfyNode):
             description="An open_clip model from models/open_clip for the CLIP-score and aesthetic rewards. "
                         "Pick the architecture the file was trained with (ViT-L-14 for the LAION aesthetic head).",
             inputs=[io.Combo.Input("architecture", options=open_clip.list_models(), default="ViT-L-14"),
-                    io.Combo.Input("weights", options=folder_paths.get_filename_list("open_clip"))],
+                    io.Combo.Input("weights", options=folder_paths.get_filename_list("open_clip")),
+                    io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
+                                   tooltip="auto: fp16 on a GPU that supports it, fp32 on the CPU")],
             outputs=[OpenClip.Output(display_name="clip")],
         )
 
     @classmethod
-    def execute(cls, architecture, weights) -> io.NodeOutput:
+    def execute(cls, architecture, weights, precision="auto") -> io.NodeOutput:
         path = resolve("open_clip", weights)
-        return io.NodeOutput(cached(("open_clip", architecture, path, os.path.getmtime(path)),
-                                    lambda: load_open_clip(architecture, path)))
+        return io.NodeOutput(cached(("open_clip", architecture, path, os.path.getmtime(path), precision),
+                                    lambda: load_open_clip(architecture, path, precision)))
 
 
 class AestheticRewardNode(io.ComfyNode):
@@ -84,14 +87,18 @@ class AestheticRewardNode(io.ComfyNode):
             display_name="LAION Aesthetic Reward",
             category=CATEGORY,
             description="LAION improved aesthetic predictor: the head from models/aesthetic on the CLIP image "
-                        "embedding (L2-normalised). Scores roughly 1..10. Differentiable.",
-            inputs=[OpenClip.Input("clip"),
+                        "embedding (L2-normalised). Scores roughly 1..10. Differentiable. The CLIP can be an "
+                        "open_clip ViT-L-14 (Load OpenCLIP) or ComfyUI's CLIP vision ViT-L/14 (Load CLIP Vision, "
+                        "models/clip_vision).",
+            inputs=[io.MultiType.Input("clip", types=[OpenClip, io.ClipVision]),
                     io.Combo.Input("head", options=folder_paths.get_filename_list("aesthetic"))],
             outputs=[Reward.Output(display_name="reward")],
         )
 
     @classmethod
     def execute(cls, clip, head) -> io.NodeOutput:
+        if not hasattr(clip, "image_embeddings"):   # ComfyUI's CLIP_VISION
+            clip = ComfyClipVision(clip)
         path = resolve("aesthetic", head)
         module = cached(("aesthetic", path, os.path.getmtime(path)), lambda: AestheticHead(_load_state_dict(path)))
         return io.NodeOutput(AestheticReward(clip, module, head))

@@ -42,6 +42,7 @@ class AestheticReward(Reward):
                              f"backbone {clip.describe()} gives {clip.embed_dim}-d (the official head needs "
                              "ViT-L/14)")
         self.clip, self.head = clip, head
+        self.differentiable = getattr(clip, "differentiable", True)
         self.name = f"LAION aesthetic ({head_name} on {clip.describe()})"
 
     def score(self, images, prompts=None, context=None):  # scores each image alone

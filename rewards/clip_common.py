@@ -27,14 +27,33 @@ def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=C
     return (x - m) / s
 
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reward_model_dtype(precision: str, device) -> torch.dtype:
+    """auto: half precision where ComfyUI says it is safe and fast on the device (a GPU that supports fp16),
+    float32 otherwise (every CPU).  The head and the scores always stay in float32."""
+    import comfy.model_management
+    if precision == "auto":
+        return torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return DTYPES[precision]
+
+
 class OpenClipModel:
     """An open_clip model (image + text towers) placed on the GPU through ComfyUI's model management, so ComfyUI
     accounts for it and can offload it when the diffusion model needs room."""
 
-    def __init__(self, model, tokenizer, arch: str, source: str):
+    differentiable = True
+
+    def __init__(self, model, tokenizer, arch: str, source: str, precision: str = "auto"):
         import comfy.model_management
         import comfy.model_patcher
-        self.model = model.eval()
+        self.dtype = reward_model_dtype(precision, comfy.model_management.get_torch_device())
+        with torch.inference_mode(False):
+            self.model = model.eval().to(self.dtype)
         self.tokenizer = tokenizer
         self.arch = arch
         self.source = source
@@ -60,7 +79,7 @@ class OpenClipModel:
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, D] (differentiable w.r.t. the images)."""
         device = self.device()
-        x = clip_preprocess(images.to(device, torch.float32), self.image_size)
+        x = clip_preprocess(images.to(device, torch.float32), self.image_size).to(self.dtype)
         emb = self.model.encode_image(x)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
@@ -74,7 +93,52 @@ class OpenClipModel:
         return f"{self.arch} ({self.source})"
 
 
-def load_open_clip(arch: str, weights_path: str) -> OpenClipModel:
+class ComfyClipVision:
+    """ComfyUI's own CLIP vision model (core CLIPVisionLoader, models/clip_vision) behind the same image-embedding
+    interface as OpenClipModel.  Uses the model's projected image embedding (`encode_image(...).image_embeds`),
+    preprocessed on the device, batched.  Not differentiable: ComfyUI's CLIP code adds residuals in place, which
+    autograd cannot go back through -- gradient-guided SMC needs the open_clip backbone (Load OpenCLIP)."""
+
+    differentiable = False
+
+    def __init__(self, clip_vision, source: str = "clip_vision"):
+        import comfy.clip_model
+        self.clip_vision = clip_vision
+        self.model = clip_vision.model
+        if not isinstance(self.model, comfy.clip_model.CLIPVisionModelProjection) \
+                or not hasattr(self.model.visual_projection, "weight"):
+            raise ValueError(f"{source} is a {type(self.model).__name__} image encoder without a CLIP image "
+                             "projection; the CLIP rewards need a CLIP vision model (ViT-L/14 for the LAION "
+                             "aesthetic head) from models/clip_vision")
+        self.image_size = int(clip_vision.image_size)
+        self.source = source
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual_projection.weight.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.model.visual_projection.weight.shape[1])
+
+    def device(self) -> torch.device:
+        import comfy.model_management
+        comfy.model_management.load_models_gpu([self.clip_vision.patcher])
+        return self.clip_vision.load_device
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        device = self.device()
+        x = clip_preprocess(images.to(device, torch.float32), self.image_size,
+                            self.clip_vision.image_mean, self.clip_vision.image_std)
+        with torch.no_grad():
+            out = self.model(pixel_values=x, intermediate_output=-2)
+        return torch.nn.functional.normalize(out[2].float(), dim=-1)
+
+    def describe(self) -> str:
+        return f"CLIP vision {self.width}-wide ({self.source}; no gradients: use Load OpenCLIP for those)"
+
+
+def load_open_clip(arch: str, weights_path: str, precision: str = "auto") -> OpenClipModel:
     """An open_clip architecture with weights from a local file (no downloads).  A JSON config beside the file
     (same name, .json) registers a custom architecture first."""
     import os
@@ -94,7 +158,7 @@ def load_open_clip(arch: str, weights_path: str) -> OpenClipModel:
         except RuntimeError as e:
             raise ValueError(f"{os.path.basename(weights_path)} does not fit the {arch} architecture: "
                              f"{str(e).splitlines()[0]} (pick the architecture the file was trained with)") from None
-    return OpenClipModel(model, open_clip.get_tokenizer(arch), arch, os.path.basename(weights_path))
+    return OpenClipModel(model, open_clip.get_tokenizer(arch), arch, os.path.basename(weights_path), precision)
 
 
 def _load_state_dict(path: str) -> dict:

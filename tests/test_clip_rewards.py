@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,132 @@ def test_clip_nodes_over_http_with_files_from_extra_model_paths(model_dirs, tmp_
         assert "tiny-head.pth" in info["RewardSteerAestheticReward"]["input"]["required"]["head"][1]["options"]
         scores = server.run(prompt, timeout=300)["outputs"]["6"]["scores"]
     assert len(scores) == 3 and len(set(round(s, 6) for s in scores)) == 1   # identical images, identical scores
+
+
+TINY_VISION = {"hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
+               "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2,
+               "num_channels": 3, "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 32}
+
+
+def random_clip_vision_state(model, seed: int) -> dict:
+    """Seeded weights in ComfyUI's CLIP-vision key format (norm scales 1, others small noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in model.state_dict().items():
+        if "norm" in name and name.endswith("weight"):
+            state[name] = torch.ones(value.shape, dtype=torch.float16)
+        else:
+            state[name] = (torch.randn(value.shape, generator=gen) * 0.02).to(torch.float16)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_vision(tmp_path_factory):
+    """ComfyUI's own ClipVisionModel (what core 'Load CLIP Vision' returns) on a tiny config, seeded weights."""
+    import comfy.clip_vision
+    config = tmp_path_factory.mktemp("clip_vision_config") / "tiny.json"
+    config.write_text(json.dumps(TINY_VISION))
+    with torch.inference_mode():           # as when loaded inside a prompt: inference-mode weights
+        cv = comfy.clip_vision.ClipVisionModel(str(config))
+        cv.load_sd(random_clip_vision_state(cv.model, seed=5))
+    return cv
+
+
+def tiny_head(path, width: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    dims = [width, 1024, 128, 64, 16, 1]
+    head = {}
+    for layer, (i, o) in zip((0, 2, 4, 6, 7), zip(dims[:-1], dims[1:])):
+        head[f"layers.{layer}.weight"] = torch.randn(o, i, generator=gen) * 0.1
+        head[f"layers.{layer}.bias"] = torch.randn(o, generator=gen) * 0.1
+    torch.save(head, path)
+    return head
+
+
+def run_head(state, h):
+    for layer in (0, 2, 4, 6, 7):
+        h = h @ state[f"layers.{layer}.weight"].T + state[f"layers.{layer}.bias"]
+    return h.squeeze(-1)
+
+
+def test_aesthetic_on_comfy_clip_vision_equals_core_encode_image(model_dirs, tiny_clip_vision):
+    """ComfyUI's CLIP_VISION as the backbone: the reward equals core encode_image(...).image_embeds, L2-normalised,
+    through the head -- on 8-bit images at the model's size, where core's rounding is exact."""
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    reward = nodes.AestheticRewardNode.execute(tiny_clip_vision, "tiny-head.pth")[0]
+    images = torch.randint(0, 256, (3, 32, 32, 3), generator=torch.Generator().manual_seed(4)).float() / 255
+    with torch.inference_mode():
+        emb = tiny_clip_vision.encode_image(images)["image_embeds"].float()
+    expected = run_head(torch.load(model_dirs[1] / "tiny-head.pth"), torch.nn.functional.normalize(emb, dim=-1))
+    assert torch.allclose(reward(images), expected, atol=1e-4)
+    assert "CLIP vision 32-wide" in reward.describe()
+    # ComfyUI's CLIP code is not differentiable (in-place residuals): declared, and refused cleanly by guidance
+    scoring = harness.pack_submodule("samplers.scoring")
+    assert not reward.differentiable
+    with pytest.raises(scoring.SteeringInputError, match="needs a differentiable reward.*use Load OpenCLIP"):
+        scoring.make_latent_scorer(None, reward, differentiable=True)
+
+
+def test_clip_vision_of_the_wrong_kind_or_width_is_explained(model_dirs, tiny_clip_vision):
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    with pytest.raises(ValueError, match=r"expects 768-d embeddings but the CLIP backbone CLIP vision 32-wide "
+                                         r".* gives 32-d"):
+        nodes.AestheticRewardNode.execute(tiny_clip_vision, "vit-l-head.pth")
+
+    class NotClip:   # e.g. a DINOv2 encoder, which core's CLIP vision loader also returns
+        model = torch.nn.Linear(4, 4)
+        image_size = 224
+    with pytest.raises(ValueError, match="Linear image encoder without a CLIP image projection"):
+        nodes.AestheticRewardNode.execute(NotClip(), "tiny-head.pth")
+
+
+def test_vit_l_clip_vision_file_through_core_loader_in_the_executor(executor, model_dirs, tmp_path_factory):
+    """The real format end to end: a ViT-L/14 CLIP-vision safetensors file (OpenAI key names, seeded fp16 weights)
+    in models/clip_vision, loaded by ComfyUI's core CLIPVisionLoader, into the aesthetic reward with a 768-wide
+    head, scored by the Score node -- equal to core CLIPVisionEncode's image_embeds through the head by hand."""
+    import comfy.clip_model
+    import comfy.ops
+    import folder_paths
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("clip_vision_models")
+    import comfy.clip_vision
+    with open(Path(comfy.clip_vision.__file__).with_name("clip_vision_config_vitl.json")) as f:
+        config = json.load(f)
+    with torch.inference_mode(False):
+        skeleton = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
+        state = random_clip_vision_state(skeleton, seed=7)
+    save_file(state, str(root / "test-vit-l-14.safetensors"))
+    del state
+    head = tiny_head(model_dirs[1] / "vit-l-test-head.pth", 768, seed=8)
+    folder_paths.add_model_folder_path("clip_vision", str(root))
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 224, "height": 224, "batch_size": 2, "color": 0x336699}},
+        "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "test-vit-l-14.safetensors"}},
+        "3": {"class_type": "RewardSteerAestheticReward", "inputs": {"clip": ["2", 0], "head": "vit-l-test-head.pth"}},
+        "4": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["1", 0], "reward": ["3", 0], "prompt": ""}},
+        "5": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["2", 0], "image": ["1", 0], "crop": "center"}},
+    }
+    out = executor.run(prompt, want=("5",))
+    scores = executor.history["outputs"]["4"]["scores"]
+    embeds = out["5"][0][0]["image_embeds"].float()
+    assert embeds.shape == (2, 768)
+    expected = run_head(head, torch.nn.functional.normalize(embeds, dim=-1))
+    assert torch.allclose(torch.tensor(scores), expected, atol=1e-4), (scores, expected)
+
+
+def test_half_precision_where_safe(model_dirs, monkeypatch):
+    import comfy.model_management
+    common = harness.pack_submodule("rewards.clip_common")
+    assert common.reward_model_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(comfy.model_management, "should_use_fp16", lambda device=None, **kw: True)  # a fp16 GPU
+    assert common.reward_model_dtype("auto", torch.device("cpu")) == torch.float16
+    monkeypatch.undo()
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    full = load(model_dirs)
+    half = nodes.LoadOpenClip.execute("ViT-B-32", "tiny-test-clip.safetensors", "bf16")[0]
+    assert half is not full and next(half.model.parameters()).dtype == torch.bfloat16
+    images = torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(6))
+    reference, approx = full.image_embeddings(images), half.image_embeddings(images)
+    assert approx.dtype == torch.float32 and (reference - approx).abs().max() < 0.05
+    reward = nodes.AestheticRewardNode.execute(half, "tiny-head.pth")[0]
+    assert reward(images).dtype == torch.float32
