@@ -16,6 +16,7 @@ NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("demon", ()),
     ("smc", ()),
     ("clip_rewards", ("open_clip",)),
+    ("manual_pick", ()),
 ]
 
 

@@ -172,6 +172,30 @@ def example_flux_demon() -> dict:
     }
 
 
+def example_reference_manual_pick() -> dict:
+    """Demon steered by a person: the Manual Pick Reward shows K=4 candidates per item at each of the first 4 of
+    8 steps in the page (batch of 2: two grids per step); a colour reward takes over if nobody answers."""
+    return {
+        "1": {"class_type": "RewardSteerReferenceModel", "_meta": {"title": "Reference Model (exact)"},
+              "inputs": {"parametrization": "eps", "components": 8, "spread": 0.1, "weights": ""}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 2}},
+        "3": {"class_type": "RewardSteerManualPickReward", "_meta": {"title": "Manual Pick Reward"},
+              "inputs": {"question": "Pick the reddest candidate(s)", "mode": "pick", "ask_every": 1,
+                         "timeout": 120, "on_timeout": "fallback reward", "fallback": ["6", 0]}},
+        "4": {"class_type": "RewardSteerKSamplerDemon", "_meta": {"title": "KSampler (Demon)"},
+              "inputs": {"model": ["1", 0], "seed": 3, "steps": 8, "cfg": 1.0, "scheduler": "normal",
+                         "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                         "reward": ["3", 0], "vae": ["1", 1],
+                         **{**DEMON_DEFAULTS, "k": 4, "end": 0.5, "prompt": "a red sun"}}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 1]}},
+        "6": {"class_type": "RewardSteerColorReward", "_meta": {"title": "Reward: toward red"},
+              "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}},
+        "7": {"class_type": "RewardSteerScoreImages", "_meta": {"title": "Redness of the results"},
+              "inputs": {"images": ["5", 0], "reward": ["6", 0], "prompt": ""}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "manual_pick/demon"}},
+    }
+
+
 WORKFLOWS = {
     "demo_reference.json": demo_reference,
     "example_sd15_demon.json": example_sd15_demon,
@@ -182,6 +206,7 @@ WORKFLOWS = {
     "example_flux_smc.json": example_flux_smc,
     "example_sd15_aesthetic_demon.json": example_sd15_aesthetic_demon,
     "example_sdxl_clipscore_smc.json": example_sdxl_clipscore_smc,
+    "example_reference_manual_pick.json": example_reference_manual_pick,
 }
 
 

@@ -12,6 +12,7 @@ EXPECTED_NODE_IDS = {
     "RewardSteerClipScoreReward",
     "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
     "RewardSteerSMCSampler", "RewardSteerKSamplerSMC", "RewardSteerBestOfN",
+    "RewardSteerManualPickReward",
 }
 
 
