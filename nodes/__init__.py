@@ -17,6 +17,7 @@ NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("smc", ()),
     ("clip_rewards", ("open_clip",)),
     ("manual_pick", ()),
+    ("vlm", ("requests",)),
 ]
 
 

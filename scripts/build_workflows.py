@@ -196,6 +196,46 @@ def example_reference_manual_pick() -> dict:
     }
 
 
+VLM_REWARD_DEFAULTS = {"base_url": "http://127.0.0.1:8000/v1", "model": "Qwen/Qwen2.5-VL-7B-Instruct",
+                       "api_key_env": "OPENAI_API_KEY", "mode": "pairwise_top_half", "max_score": 10.0,
+                       "images_per_call": 1, "image_size": 512, "failure": "fail", "cache": True, "concurrency": 4,
+                       "requests_per_minute": 0, "max_retries": 4, "timeout": 60.0, "deadline": 600.0,
+                       "structured_output": "auto"}
+# The paper's VLM runs: beta 0.2, tau 1e-4 (the weights are the sign of reward - mean: top half pushes, rest pulls)
+VLM_DEMON = {"beta": 0.2, "tau": 0.0001}
+
+
+def example_reference_vlm_demon() -> dict:
+    """Demon on the reference model steered by a VLM (pairwise tournament, top half = 1), no model files needed:
+    point base_url at any OpenAI-compatible vision server (vLLM / Ollama / LM Studio locally: no key)."""
+    return {
+        "1": {"class_type": "RewardSteerReferenceModel", "_meta": {"title": "Reference Model (exact)"},
+              "inputs": {"parametrization": "eps", "components": 8, "spread": 0.1, "weights": ""}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 2}},
+        "3": {"class_type": "RewardSteerVLMReward", "_meta": {"title": "VLM Reward (local server)"},
+              "inputs": {**VLM_REWARD_DEFAULTS, "image_size": 256,
+                         "rubric": "Which picture is more strongly red (warm red tones dominating the picture)?"}},
+        "4": {"class_type": "RewardSteerKSamplerDemon", "_meta": {"title": "KSampler (Demon, VLM-steered)"},
+              "inputs": {"model": ["1", 0], "seed": 42, "steps": 20, "cfg": 1.0, "scheduler": "normal",
+                         "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                         "reward": ["3", 0], "vae": ["1", 1], **{**DEMON_DEFAULTS, "k": 8, **VLM_DEMON}}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 1]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "reward_steering_vlm"}},
+        "7": {"class_type": "PreviewImage", "_meta": {"title": "Reward per step"}, "inputs": {"images": ["4", 2]}},
+    }
+
+
+def example_sdxl_vlm_demon() -> dict:
+    """SDXL + Demon steered by a VLM judging the candidates against the prompt (the paper's VLM set-up)."""
+    graph = _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 8)
+    graph["5"] = {"class_type": "RewardSteerVLMReward", "_meta": {"title": "VLM Reward"},
+                  "inputs": {**VLM_REWARD_DEFAULTS,
+                             "rubric": 'Which image better shows "{prompt}", and is the better picture?'}}
+    graph["6"]["inputs"].update(VLM_DEMON, prompt=graph["2"]["inputs"]["text"])
+    del graph["10"]  # a single final image has nothing to be compared with
+    return graph
+
+
 WORKFLOWS = {
     "demo_reference.json": demo_reference,
     "example_sd15_demon.json": example_sd15_demon,
@@ -206,6 +246,8 @@ WORKFLOWS = {
     "example_flux_smc.json": example_flux_smc,
     "example_sd15_aesthetic_demon.json": example_sd15_aesthetic_demon,
     "example_sdxl_clipscore_smc.json": example_sdxl_clipscore_smc,
+    "example_reference_vlm_demon.json": example_reference_vlm_demon,
+    "example_sdxl_vlm_demon.json": example_sdxl_vlm_demon,
     "example_reference_manual_pick.json": example_reference_manual_pick,
 }
 

@@ -39,8 +39,9 @@ class ComfyServer:
     """`main.py --cpu` on a free 127.0.0.1 port as a subprocess; use as a context manager."""
 
     def __init__(self, output_dir: Path | None = None, extra_args: list[str] | None = None,
-                 log_path: Path | None = None, startup_timeout: float = 180.0):
+                 log_path: Path | None = None, startup_timeout: float = 180.0, env: dict | None = None):
         self.python, self.comfy_dir = host_paths()
+        self.env = env  # merged into os.environ for the server process
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = output_dir
@@ -55,7 +56,8 @@ class ComfyServer:
         if self.output_dir is not None:
             cmd += ["--output-directory", str(self.output_dir)]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env} if self.env else None)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -9,7 +9,7 @@ EXPECTED_NODE_IDS = {
     "RewardSteerReferenceModel", "RewardSteerReferenceExactTarget", "RewardSteerTinyTestModel",
     "RewardSteerColorReward", "RewardSteerImageSimilarityReward", "RewardSteerScoreImages",
     "RewardSteerCombineRewards", "RewardSteerLoadOpenClip", "RewardSteerAestheticReward",
-    "RewardSteerClipScoreReward",
+    "RewardSteerClipScoreReward", "RewardSteerVLMReward",
     "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
     "RewardSteerSMCSampler", "RewardSteerKSamplerSMC", "RewardSteerBestOfN",
     "RewardSteerManualPickReward",
