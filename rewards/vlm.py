@@ -47,6 +47,7 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import cached_property
 from email.utils import parsedate_to_datetime
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
@@ -275,7 +276,8 @@ class EncodedImage:
     pil: Image.Image
     digest: str        # sha256 of the pixels sent (size + RGB bytes)
 
-    def data_url(self) -> str:
+    @cached_property
+    def data_url(self) -> str:  # encoded once, however many comparisons the image is in
         return png_data_url(self.pil)
 
 
@@ -790,8 +792,8 @@ class VLMReward(Reward):
         schema = _schema("choice", {"better": {"type": "integer", "enum": [1, 2]}})
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": [{"type": "text", "text": text},
-                                                 {"type": "text", "text": "Image 1:"}, _image_part(first.pil),
-                                                 {"type": "text", "text": "Image 2:"}, _image_part(second.pil)]}]
+                                                 {"type": "text", "text": "Image 1:"}, _image_part(first.data_url),
+                                                 {"type": "text", "text": "Image 2:"}, _image_part(second.data_url)]}]
         return Ask(messages=messages, schema=schema, parse=parse_choice,
                    cache_key=self._key("pair", [SYSTEM_PROMPT, text], [first.digest, second.digest]))
 
@@ -960,6 +962,10 @@ class VLMReward(Reward):
         enc = [encode_image(images[j], cfg.image_size) for j in range(n)]
         algorithm = {"rubric": self._rubric_group, "pairwise_top_half": self._top_half_group,
                      "pairwise_knockout": self._knockout_group, "ranking": self._ranking_group}[cfg.mode]
+        if prompts is not None and len(prompts) == 1:
+            prompts = list(prompts) * n
+        if prompts is not None and len(prompts) not in (0, n):
+            raise RewardInputError(f"{self.name}: {len(prompts)} prompts for {n} images")
         gens = {g: algorithm(members, enc, prompts[members[0]] if prompts else None)
                 for g, members in enumerate(groups)}
         stop = threading.Event()
@@ -1019,10 +1025,10 @@ class VLMReward(Reward):
             pass
 
 
-def _image_part(pil: Image.Image) -> dict:
-    return {"type": "image_url", "image_url": {"url": png_data_url(pil)}}
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _messages(text: str, pictures: list[Image.Image]) -> list:
     return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [{"type": "text", "text": text}, *[_image_part(p) for p in pictures]]}]
+            {"role": "user", "content": [{"type": "text", "text": text}, *[_image_part(png_data_url(p)) for p in pictures]]}]

@@ -9,6 +9,7 @@ import json
 import math
 import random
 import re
+import struct
 import threading
 import time
 import uuid
@@ -668,8 +669,14 @@ def test_second_run_of_the_workflow_makes_zero_requests_and_the_same_image(execu
     second = executor.run(prompt, want=("4",))["4"][0][0]["samples"]  # fresh: every node runs again
     assert len(scripted.requests) == n
     assert torch.equal(first, second)
-    texts = [m for m in executor.messages if m[0] == 4 or "progress_text" in str(m[0])]
-    del texts  # (progress text is a binary event; the counters are checked on the reward object below)
+    # the counters are shown on the VLM node: progress text for node "3", sent while the sampler (node "4") runs
+    shown = []
+    for event, data in executor.messages:
+        if isinstance(data, (bytes, bytearray)):
+            (length,) = struct.unpack(">I", data[:4])
+            shown.append((data[4:4 + length].decode(), data[4 + length:].decode(errors="replace")))
+    texts = [text for node, text in shown if node == "3" and "requests" in text]
+    assert texts and "0 requests, 2 cached" in texts[-1] and f"{n} cache hits" in texts[-1], texts[-1:]
     reward = executor.executor.caches.outputs.get("3")
     reward = (reward.outputs if hasattr(reward, "outputs") else reward)[0][0]
     assert reward.counters.cache_hits == n and reward.counters.calls == 0
