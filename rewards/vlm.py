@@ -186,6 +186,13 @@ class VLMConfig:
                                      ("structured_output", self.structured_output, STRUCTURED)):
             if value not in options:
                 raise RewardInputError(f"VLM reward: {name} must be one of {options}, got {value!r}")
+        name = (self.api_key_env or "").strip()
+        if name and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name) or name.lower().startswith("sk")
+                     and len(name) > 24 or name.startswith("AIza")):
+            raise RewardInputError("VLM reward: api_key_env takes the NAME of an environment variable (e.g. "
+                                   "OPENAI_API_KEY), and this looks like a key itself. Remove it from the node - a "
+                                   "saved workflow would carry it - and set the variable before starting ComfyUI, or "
+                                   "use the key file in the user directory")
         if self.max_score <= 0:
             raise RewardInputError(f"VLM reward: max_score must be positive, got {self.max_score}")
         if self.images_per_call < 1 or self.concurrency < 1 or self.image_size < 16:
@@ -543,6 +550,8 @@ class VLMClient:
         self.sleep = sleep or (lambda seconds, stop: stop.wait(seconds))
         self.rng = rng or random.Random()
         self.structured_supported = config.structured_output == "auto"
+        self.token_param = "max_tokens"   # newer OpenAI models want max_completion_tokens
+        self.send_temperature = True      # some reasoning models accept only their default temperature
         self.key: str | None = None
         self.key_source = "no key"
         self.scrub = Scrubber(None)
@@ -611,8 +620,9 @@ class VLMClient:
                        f"{1 + max(0, self.config.answer_retries)} times")
 
     def _body(self, ask: Ask) -> dict:
-        body = {"model": self.config.model, "messages": ask.messages, "temperature": 0,
-                "max_tokens": self.config.max_tokens}
+        body = {"model": self.config.model, "messages": ask.messages, self.token_param: self.config.max_tokens}
+        if self.send_temperature:
+            body["temperature"] = 0
         if ask.schema is not None and self.structured_supported:
             body["response_format"] = ask.schema
         return body
@@ -667,11 +677,7 @@ class VLMClient:
                 elif status == 429 or status >= 500 or status == 408:
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                     problem = f"HTTP {status}{_reason(response, self.scrub)}"
-                elif status in (400, 422) and "response_format" in body:
-                    # the endpoint does not do structured output: ask again in plain JSON-by-instruction
-                    self.structured_supported = False
-                    LOG.info("%s VLM %s rejected response_format (HTTP %d); using plain answers", LOG_PREFIX,
-                             self.host, status)
+                elif status in (400, 422) and self._adapt(body, response, status):
                     continue
                 else:
                     raise VLMError(f"{self.what()}: HTTP {status}{_reason(response, self.scrub)}"
@@ -689,6 +695,21 @@ class VLMClient:
             LOG.debug("%s VLM %s: %s; retry %d in %.2f s", LOG_PREFIX, self.host, problem, attempt + 1, wait_s)
             self.sleep(wait_s, stop)
             attempt += 1
+
+    def _adapt(self, body: dict, response, status: int) -> bool:
+        """After a 400/422: drop or rename the optional parameter the endpoint objects to (each at most once, and
+        remembered); True when the request should be sent again."""
+        text = response.text.lower()
+        change = None
+        if "max_tokens" in body and "max_tokens" in text and "max_completion_tokens" in text:
+            self.token_param, change = "max_completion_tokens", "max_tokens -> max_completion_tokens"
+        elif "temperature" in body and "temperature" in text:
+            self.send_temperature, change = False, "temperature dropped"
+        elif "response_format" in body:  # servers word this one in many ways: any other 400 drops it
+            self.structured_supported, change = False, "structured output (response_format) off"
+        if change:
+            LOG.info("%s VLM %s: HTTP %d for a request parameter; %s", LOG_PREFIX, self.host, status, change)
+        return change is not None
 
     def _hint(self, status: int) -> str:
         if status in (401, 403):

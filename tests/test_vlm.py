@@ -112,6 +112,7 @@ class ScriptedVLM:
         self.active = 0
         self.max_active = 0
         self.reject_response_format = False
+        self.reasoning_model = False  # 400 for max_tokens and temperature, like OpenAI's reasoning models
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -145,6 +146,12 @@ class ScriptedVLM:
         if self.reject_response_format and "response_format" in body:
             status, payload = 400, json.dumps({"error": {"message": "response_format is not supported"}}).encode()
             headers = {}
+        elif self.reasoning_model and ("max_tokens" in body or "temperature" in body):
+            param = "max_tokens" if "max_tokens" in body else "temperature"
+            hint = " Use 'max_completion_tokens' instead." if param == "max_tokens" else ""
+            status, payload = 400, json.dumps({"error": {"message": f"Unsupported parameter: '{param}' is not "
+                                                                    f"supported with this model.{hint}"}}).encode()
+            headers = {}
         else:
             status = reply.get("status", 200)
             headers = reply.get("headers", {})
@@ -172,6 +179,7 @@ class ScriptedVLM:
             self.max_active = 0
         self.judge = red_judge
         self.reject_response_format = False
+        self.reasoning_model = False
 
     def close(self):
         self.httpd.shutdown()
@@ -247,6 +255,15 @@ def test_request_carries_auth_model_data_url_images_and_rubric(scripted, monkeyp
     assert reward.counters.prompt_tokens == 100 and reward.counters.completion_tokens == 7
 
 
+@pytest.mark.parametrize("pasted", ["sk-proj-abcdefghijklmnopqrstuvwxyz0123456789", "AIzaSyD-abcdefghijklmnop",
+                                    "sk-or-v1-0123456789abcdef"])
+def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it(scripted, pasted):
+    with pytest.raises(base.RewardInputError, match="NAME of an environment variable") as info:
+        make_reward(scripted, api_key_env=pasted)
+    assert pasted not in str(info.value) and not scripted.requests
+    make_reward(scripted, api_key_env="MY_OPENROUTER_KEY_2")  # a name is fine
+
+
 def test_no_key_sends_no_authorization_header(scripted, monkeypatch):
     monkeypatch.delenv("RS_VLM_TEST_KEY", raising=False)
     make_reward(scripted, api_key_env="RS_VLM_TEST_KEY")(solid([SHADES[0]]))
@@ -276,6 +293,18 @@ def test_structured_output_dropped_when_endpoint_rejects_it(scripted):
     bodies = [r["body"] for r in scripted.requests]
     assert "response_format" in bodies[0] and all("response_format" not in b for b in bodies[1:])
     assert len(bodies) == 3  # one rejected, then the two images in plain mode (remembered)
+    assert scores[0] > scores[1]
+
+
+def test_reasoning_models_get_max_completion_tokens_and_no_temperature(scripted):
+    scripted.reasoning_model = True
+    reward = make_reward(scripted, concurrency=1)
+    scores = reward(solid([SHADES[7], SHADES[0]]))
+    bodies = [r["body"] for r in scripted.requests]
+    assert len(bodies) == 4  # two rejected (max_tokens, then temperature), then one per image
+    last = bodies[-1]
+    assert last["max_completion_tokens"] == 512 and "max_tokens" not in last and "temperature" not in last
+    assert last["response_format"]["type"] == "json_schema"  # kept: it was not the problem
     assert scores[0] > scores[1]
 
 
@@ -659,6 +688,23 @@ def test_demon_steered_by_the_scripted_vlm(executor, scripted, node_dirs):
     # calls per image: steps * (K-1 .. 2K) comparisons
     assert steps * (k - 1) <= calls / batch <= steps * 2 * k
     print(f"\nDemon K={k}, {steps} steps, pairwise_top_half: {calls / batch:.1f} requests per image")
+
+
+@pytest.mark.parametrize("mode, per_group", [("rubric", lambda k: k), ("pairwise_knockout", lambda k: k // 2),
+                                              ("ranking", lambda k: 1), ("pairwise_top_half", None)])
+def test_demon_requests_per_image_per_mode(executor, scripted, node_dirs, mode, per_group, capsys):
+    """Requests per image of a Demon run = steered steps x requests per group of K (no cache)."""
+    batch, steps, k = 2, 6, 4
+    out = executor.run(demon_vlm_prompt(scripted.url, batch=batch, steps=steps, k=k,
+                                        vlm_over={"mode": mode, "cache": False}), want=("4",))
+    steered = json.loads(out["4"][1][0])["steered_steps"]
+    per_image = len(scripted.requests) / batch
+    if per_group is not None:
+        assert per_image == steered * per_group(k)
+    else:
+        assert steered * (k - 1) <= per_image <= steered * 4  # K=4: 3 or 4 comparisons per group
+    with capsys.disabled():
+        print(f"\nDemon K={k}, {steered} steered steps, {mode}: {per_image:g} requests per image")
 
 
 def test_second_run_of_the_workflow_makes_zero_requests_and_the_same_image(executor, scripted, node_dirs):
