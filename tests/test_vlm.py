@@ -796,6 +796,17 @@ def test_key_never_in_workflow_png_or_logs(scripted, tmp_path):
         reply = srv.post("/prompt", {"prompt": api, "client_id": "leak-test",
                                      "extra_data": {"extra_pnginfo": {"workflow": ui}}})
         history = srv.wait(reply["prompt_id"], timeout=300)
+        asked = len(scripted.requests)
+        # the same workflow again, recomputed from scratch (ComfyUI's caches dropped): all answers from the disk cache
+        srv.post("/free", {"free_memory": True, "unload_models": True})
+        again = srv.wait(srv.post("/prompt", {"prompt": api, "client_id": "leak-test",
+                                              "extra_data": {"extra_pnginfo": {"workflow": ui}}})["prompt_id"])
+        assert len(scripted.requests) == asked > 0
+        first_png, second_png = (again["outputs"]["6"]["images"][0]["filename"],
+                                 history["outputs"]["6"]["images"][0]["filename"])
+        assert first_png != second_png
+        assert np.array_equal(np.asarray(Image.open(next(out.rglob(first_png)))),
+                              np.asarray(Image.open(next(out.rglob(second_png)))))
         # a failing prompt whose endpoint echoes the key back; the server goes on
         scripted.script.extend([{"status": 401, "message": f"Incorrect API key provided: {key}"}])
         bad = copy.deepcopy(api)
