@@ -16,6 +16,7 @@ from .types import Reward
 
 CATEGORY = "reward_steering/rewards"
 ROUTE = "/reward_steering/manual_pick"
+RECONNECT_GRACE = 15.0   # seconds a run waits for its tab to come back (a page reload) before the policy applies
 _broker: PickBroker | None = None
 _routes_on: set[int] = set()   # id() of the PromptServer instances our routes were added to
 
@@ -151,7 +152,7 @@ class ManualPickRewardNode(io.ComfyNode):
         register_routes()
         return io.NodeOutput(ManualPickReward(broker(), question=question, mode=mode, ask_every=ask_every,
                                               timeout=timeout, on_timeout=on_timeout, fallback=fallback,
-                                              run_info=run_info, cancelled=_cancelled))
+                                              run_info=run_info, cancelled=_cancelled, grace=RECONNECT_GRACE))
 
 
 register_routes()   # at import, i.e. while ComfyUI loads the pack, before its server adds the routes

@@ -333,10 +333,11 @@ def redness(png: bytes) -> float:
     return float(LinearColorReward.toward(RED)(torch.from_numpy(pixels)[None]).item())
 
 
-def test_the_node_steers_demon_in_comfyui_executor(executor):
+def test_the_node_steers_demon_in_comfyui_executor(executor, monkeypatch):
     """The example workflow run by ComfyUI's executor; a helper thread plays the person and always picks the
     reddest candidate.  Picking steers: the results are redder than the same seed with nobody answering."""
     node = harness.pack_submodule("nodes.manual_pick")
+    monkeypatch.setattr(node, "RECONNECT_GRACE", 1.0)
     broker = node.broker()
     graph = build_workflows.example_reference_manual_pick()
     graph["3"]["inputs"]["on_timeout"] = "uniform"
