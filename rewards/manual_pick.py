@@ -65,17 +65,19 @@ class PickRequest:
     timeout: float = 300.0
     seq: int = 1                        # request number within this run
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float | None = None        # time.time() when it was shown (set by PickBroker.ask)
 
     def payload(self, image_url: Callable[[str, int], str] | None = None, now: float | None = None) -> dict:
         """What the page receives (JSON): labels, the token, and where to fetch each image."""
         now = time.time() if now is None else now
+        elapsed = 0.0 if self.started is None else max(0.0, now - self.started)
         url = image_url or (lambda token, i: f"/reward_steering/manual_pick/image?token={token}&index={i}")
         return {"token": self.token, "prompt_id": self.prompt_id, "node_id": self.node_id,
                 "client_id": self.client_id, "step": self.step, "steps": self.steps,
                 "steps_left": None if self.step is None or self.steps is None else self.steps - self.step - 1,
                 "item": self.item, "items": self.items, "prompt": self.prompt, "question": self.question,
                 "mode": self.mode, "k": len(self.images), "timeout": self.timeout, "seq": self.seq,
-                "deadline_ms": int((now + self.timeout) * 1000),
+                "remaining": max(0.0, self.timeout - elapsed),   # seconds left (no clock shared with the page)
                 "images": [url(self.token, i) for i in range(len(self.images))]}
 
 
@@ -118,6 +120,7 @@ class PickBroker:
             return PickOutcome("unattended")
         with self._turn:
             with self._state:
+                request.started = time.time()
                 self.pending = request
                 self._answer = None
                 self._answered.clear()

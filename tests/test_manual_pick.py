@@ -97,6 +97,9 @@ def test_answer_returns_the_selection_in_click_order_and_closes_the_grid():
     payload = page.requests()[0]
     assert payload["token"] == req.token and payload["client_id"] == "tab1" and payload["k"] == 4
     assert payload["step"] == 2 and payload["steps"] == 8 and payload["steps_left"] == 5
+    assert 4.0 < payload["remaining"] <= 5.0
+    time.sleep(0.3)
+    assert 4.0 < broker.pending_for("tab1")["remaining"] < 4.8    # a reloaded page gets the time really left
     assert payload["images"][3].endswith(f"token={req.token}&index=3")
     assert broker.image(req.token, 2) == b"png2" and broker.image("other", 2) is None
     assert broker.pending_for("tab1")["token"] == req.token and broker.pending_for("tab2") is None

@@ -73,6 +73,7 @@ function enqueue(request) {
     if (!request || !request.token) return;
     if (request.client_id && api.clientId && request.client_id !== api.clientId) return;  // not this tab's run
     if (current?.request.token === request.token || queue.some((r) => r.token === request.token)) return;
+    request.deadline = Date.now() + (request.remaining ?? request.timeout) * 1000;   // the page's own clock
     queue.push(request);
     if (!current) showNext();
     else updateStatus();
@@ -214,16 +215,17 @@ function onKey(state, e) {
         state.cells[state.focus].focus();
         toggle(state, state.focus);
     } else {
-        return;   // let other keys through
+        e.stopPropagation();   // the grid is modal: no key reaches ComfyUI's shortcuts (Delete, Ctrl+Enter, ...)
+        return;
     }
     e.preventDefault();
-    e.stopPropagation();   // keep ComfyUI's own shortcuts out of the grid
+    e.stopPropagation();
 }
 
 function updateStatus() {
     if (!current) return;
     const { request, selected, status } = current;
-    const left = Math.max(0, Math.round((request.deadline_ms - Date.now()) / 1000));
+    const left = Math.max(0, Math.round((request.deadline - Date.now()) / 1000));
     const minutes = Math.floor(left / 60);
     const waiting = queue.length + Math.max(0, queueRemaining - 1);
     status.textContent = `${selected.length} selected \u00b7 ${minutes}:${String(left % 60).padStart(2, "0")} left` +
