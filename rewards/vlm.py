@@ -317,11 +317,17 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+GRID_MAX_SIDE = 2048  # px; larger grids cost tokens and get downscaled by the providers anyway
+
+
 def labelled_grid(images: Sequence[Image.Image], cell: int) -> Image.Image:
-    """Images in a near-square grid, each scaled to fit `cell` px, labelled 1..n in its top-left corner."""
+    """Images in a near-square grid, each scaled to fit `cell` px (less when the grid would pass GRID_MAX_SIDE),
+    labelled 1..n in its top-left corner."""
     n = len(images)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
+    while cell > 16 and cols * cell + (cols + 1) * max(4, cell // 64) > GRID_MAX_SIDE:
+        cell -= 1
     gap = max(4, cell // 64)
     grid = Image.new("RGB", (cols * cell + (cols + 1) * gap, rows * cell + (rows + 1) * gap), (255, 255, 255))
     draw = ImageDraw.Draw(grid)

@@ -707,6 +707,27 @@ def test_demon_requests_per_image_per_mode(executor, scripted, node_dirs, mode, 
         print(f"\nDemon K={k}, {steered} steered steps, {mode}: {per_image:g} requests per image")
 
 
+def test_smc_steered_by_vlm_ranking_compares_particles_of_each_item(executor, scripted, node_dirs):
+    import build_workflows
+    prompt = demon_vlm_prompt(scripted.url, batch=2, steps=4, vlm_over={"mode": "ranking", "cache": False})
+    prompt["4"] = {"class_type": "RewardSteerKSamplerSMC",
+                   "inputs": {**prompt["4"]["inputs"], **{**build_workflows.SMC_DEFAULTS, "particles": 4}}}
+    for name in ("k", "beta", "weighting", "tau", "estimator", "max_rollout_steps", "min_sigma", "start", "end",
+                 "budget"):
+        prompt["4"]["inputs"].pop(name, None)
+    executor.run(prompt, want=("4",))
+    assert scripted.requests
+    for req in scripted.requests:  # one grid of the 4 particles of one batch item per request
+        assert "The grid shows 4 images" in text_of(req["body"])
+    assert len(scripted.requests) % 2 == 0
+
+
+def test_big_grids_are_capped():
+    cells = [Image.new("RGB", (512, 512), (200, 10, 10))] * 16
+    grid = vlm.labelled_grid(cells, 512)
+    assert max(grid.size) <= vlm.GRID_MAX_SIDE and len(grid_cells(grid, 16)) == 16
+
+
 def test_second_run_of_the_workflow_makes_zero_requests_and_the_same_image(executor, scripted, node_dirs):
     prompt = demon_vlm_prompt(scripted.url, batch=2, steps=5, k=4, vlm_over={"mode": "ranking"})
     first = executor.run(prompt, want=("4",))["4"][0][0]["samples"].clone()
