@@ -818,9 +818,11 @@ def test_key_never_in_workflow_png_or_logs(scripted, tmp_path):
                                      "extra_data": {"extra_pnginfo": {"workflow": ui}}})
         history = srv.wait(reply["prompt_id"], timeout=300)
         asked = len(scripted.requests)
-        # the same workflow again, recomputed from scratch (ComfyUI's caches dropped): all answers from the disk cache
-        srv.post("/free", {"free_memory": True, "unload_models": True})
-        again = srv.wait(srv.post("/prompt", {"prompt": api, "client_id": "leak-test",
+        # the same workflow again with a setting outside the cache key changed (concurrency), so that ComfyUI
+        # re-runs the VLM node, the sampler and SaveImage: every answer comes from the disk cache
+        rerun = copy.deepcopy(api)
+        rerun["3"]["inputs"]["concurrency"] = 3
+        again = srv.wait(srv.post("/prompt", {"prompt": rerun, "client_id": "leak-test",
                                               "extra_data": {"extra_pnginfo": {"workflow": ui}}})["prompt_id"])
         assert len(scripted.requests) == asked > 0
         first_png, second_png = (again["outputs"]["6"]["images"][0]["filename"],
