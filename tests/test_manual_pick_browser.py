@@ -195,13 +195,16 @@ def test_picking_the_reddest_in_the_page_steers_the_run(browser, comfy):
 
 
 def test_timeout_cancel_and_queued_runs_in_the_page(browser, comfy):
-    """Two runs queued at once: the first grid belongs to the first run; a forged answer is refused; a reloaded
-    tab gets the waiting grid back; Cancel interrupts that run cleanly; the second run's grid follows, nobody
-    answers it, the timeout applies and the run completes without asking again."""
+    """Two runs queued one after the other: the first grid belongs to the first run; a forged answer, and
+    another tab's answer, are refused; a reloaded tab gets the waiting grid back; Cancel interrupts that run
+    cleanly; the second run's grid follows, nobody answers it, its 3 s timeout applies and the run completes
+    without asking again."""
     page = open_comfy(browser, comfy)
-    set_widget(page, PICKER_NODE, "timeout", 3)
     set_widget(page, PICKER_NODE, "on_timeout", "uniform")
-    queue(page, 2)
+    set_widget(page, PICKER_NODE, "timeout", 90)      # the first run: time to look around
+    queue(page)
+    set_widget(page, PICKER_NODE, "timeout", 3)       # the second: nobody will answer
+    queue(page)
     token1, first = wait_grid(page)
     forged = page.evaluate("""async ([token, promptId]) => { const api = window.comfyAPI.api.api;
         const r = await api.fetchApi('/reward_steering/manual_pick/answer', {method: 'POST',
@@ -209,6 +212,17 @@ def test_timeout_cancel_and_queued_runs_in_the_page(browser, comfy):
             body: JSON.stringify({token: token + 'x', prompt_id: promptId, client_id: api.clientId, selected: [0]})});
         return r.status; }""", [token1, first])
     assert forged == 409
+    # another tab (its own client id) is not shown the grid, and cannot answer it even with the right token
+    other = open_comfy(browser, comfy)
+    other.wait_for_timeout(1000)
+    assert other.query_selector(GRID) is None
+    stolen = other.evaluate("""async ([token, promptId]) => { const api = window.comfyAPI.api.api;
+        const r = await api.fetchApi('/reward_steering/manual_pick/answer', {method: 'POST',
+            headers: {'Content-Type': 'application/json'},
+            body: JSON.stringify({token, prompt_id: promptId, client_id: api.clientId, selected: [0]})});
+        return r.status; }""", [token1, first])
+    assert stolen == 409
+    other.close()
     assert page.query_selector(f'{GRID}[data-token="{token1}"]') is not None       # still waiting
     client_id = page.evaluate("window.comfyAPI.api.api.clientId")
     t = time.monotonic()

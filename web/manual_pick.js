@@ -273,8 +273,15 @@ app.registerExtension({
                 if (promptId) drop((r) => r.prompt_id === promptId);
             });
         }
-        api.addEventListener("status", (e) => { queueRemaining = e.detail?.exec_info?.queue_remaining ?? 0; updateStatus(); });
+        // A reloaded tab shows the request its run is waiting on: ask once this tab's client id is known (the
+        // first "status" message of the websocket sets it) and again after every reconnect.
+        let asked = false;
+        api.addEventListener("status", (e) => {
+            queueRemaining = e.detail?.exec_info?.queue_remaining ?? 0;
+            updateStatus();
+            if (!asked && api.clientId) { asked = true; fetchPending(); }
+        });
         api.addEventListener("reconnected", () => fetchPending());
-        fetchPending();   // a reloaded tab shows the request its run is waiting on
+        if (api.clientId) { asked = true; fetchPending(); }
     },
 });
