@@ -132,6 +132,13 @@ def example_sd15_aesthetic_demon() -> dict:
     return graph
 
 
+def example_sd15_aesthetic_clipvision_demon() -> dict:
+    """The same, with the ViT-L/14 from ComfyUI's core Load CLIP Vision (models/clip_vision) as the backbone."""
+    graph = example_sd15_aesthetic_demon()
+    graph["11"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_vit_l_14.safetensors"}}
+    return graph
+
+
 def example_sdxl_clipscore_smc() -> dict:
     """SDXL with SMC / FK steering toward the prompt's CLIP score (the SMC node passes its prompt to the reward)."""
     graph = _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 4, smc=True)
@@ -245,6 +252,7 @@ WORKFLOWS = {
     "example_sdxl_smc.json": example_sdxl_smc,
     "example_flux_smc.json": example_flux_smc,
     "example_sd15_aesthetic_demon.json": example_sd15_aesthetic_demon,
+    "example_sd15_aesthetic_clipvision_demon.json": example_sd15_aesthetic_clipvision_demon,
     "example_sdxl_clipscore_smc.json": example_sdxl_clipscore_smc,
     "example_reference_vlm_demon.json": example_reference_vlm_demon,
     "example_sdxl_vlm_demon.json": example_sdxl_vlm_demon,
