@@ -276,11 +276,11 @@ def test_interrupt_stops_the_run_and_the_queue_continues(executor):
     calls = {"n": 0}
     original = rewards.LinearColorReward.score
 
-    def interrupting(self, images, prompts=None):
+    def interrupting(self, images, prompts=None, context=None):
         calls["n"] += 1
         if calls["n"] == 3:
             comfy.model_management.interrupt_current_processing(True)
-        return original(self, images, prompts)
+        return original(self, images, prompts, context)
 
     rewards.LinearColorReward.score = interrupting
     try:
@@ -324,7 +324,7 @@ def test_nan_rewards_do_not_lose_the_run(executor, caplog):
     """A reward that returns NaN for every candidate: the run completes with finite latents (equal weights)."""
     rewards = harness.pack_submodule("rewards")
     original = rewards.LinearColorReward.score
-    rewards.LinearColorReward.score = lambda self, images, prompts=None: torch.full((images.shape[0],), float("nan"))
+    rewards.LinearColorReward.score = lambda self, images, prompts=None, context=None: torch.full((images.shape[0],), float("nan"))
     try:
         with caplog.at_level("WARNING"):
             out = executor.run(ksampler_demon_prompt("flow", batch=2, k=3, steps=6), want=("3",))
