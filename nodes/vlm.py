@@ -11,7 +11,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..rewards.vlm import DEFAULT_RUBRIC, FAILURE_POLICIES, KEY_FILE_NAME, MODES, STRUCTURED, VLMConfig, VLMReward
+from ..rewards.vlm import DEFAULT_RUBRIC, FAILURE_POLICIES, MODES, STRUCTURED, VLMConfig, VLMReward
+from ..rewards.vlm_client import KEY_FILE_NAME
 from .types import Reward
 
 CATEGORY = "reward_steering/rewards"

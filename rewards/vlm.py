@@ -15,7 +15,7 @@ Modes (every mode gives rewards in [0, 1]; candidates are compared only within t
   ranking             one labelled grid of the whole group per request; the model returns an order, and the reward
                       is linear in rank (best 1, worst 0).  One request per group.
 
-Reliability: requests go through a thread pool (`concurrency` at a time) and a sliding-window requests-per-minute
+Reliability (the transport is rewards/vlm_client.py): requests go through a thread pool (`concurrency` at a time) and a sliding-window requests-per-minute
 limiter; 429, 5xx, timeouts, connection errors and unreadable bodies are retried with exponential backoff and
 jitter, waiting at least what Retry-After says; every reward call has an overall deadline.  An answer that cannot be
 parsed (or has the wrong number of scores) is asked again once, then counts as a failure.  A failure of any request
@@ -39,18 +39,14 @@ import io as _io
 import json
 import logging
 import math
-import os
 import random
 import re
 import threading
 import time
-from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from email.utils import parsedate_to_datetime
 from typing import Callable, Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -58,6 +54,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .base import NO_CONTEXT, Reward, RewardInputError, ScoringContext
+from .vlm_client import (CACHE_VERSION, Ask, Counters, VLMAnswerError, VLMClient, VLMError, normalise_base_url,
+                         resolve_api_key, response_format_schema)
 
 LOG = logging.getLogger(__name__)
 LOG_PREFIX = "[reward-steering]"
@@ -66,90 +64,10 @@ MODES = ("rubric", "pairwise_top_half", "pairwise_knockout", "ranking")
 FAILURE_POLICIES = ("fail", "neutral", "fallback")
 STRUCTURED = ("auto", "off")
 NEUTRAL = 0.5
-KEY_FILE_NAME = os.path.join("reward_steering", "vlm_keys.json")
 DEFAULT_RUBRIC = ("How well does the image match the prompt, and how good is it as a picture (composition, detail, "
                   "no artefacts)?")
 SYSTEM_PROMPT = ("You are a careful, consistent judge of images. Follow the instructions exactly and answer only "
                  "with the JSON object requested, no other text.")
-CACHE_VERSION = 1
-
-
-class VLMError(RuntimeError):
-    """The endpoint could not give a usable answer; the message names the host, the model and the problem."""
-
-
-class VLMAnswerError(ValueError):
-    """The model answered, but not in a form that gives the scores asked for."""
-
-
-# ---- configuration and the API key ----------------------------------------------------------------------------
-
-def normalise_base_url(url: str) -> str:
-    url = (url or "").strip().rstrip("/")
-    for suffix in ("/chat/completions", "/completions"):
-        if url.endswith(suffix):
-            url = url[: -len(suffix)]
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise RewardInputError(f"VLM base URL must look like https://api.openai.com/v1 or http://127.0.0.1:8000/v1, "
-                               f"got {url!r}")
-    if parts.username or parts.password:
-        raise RewardInputError("VLM base URL must not contain a user name or password: put the API key in an "
-                               "environment variable or the key file")
-    return url
-
-
-def endpoint_host(base_url: str) -> str:
-    return urlsplit(base_url).netloc
-
-
-def resolve_api_key(env_var: str, base_url: str, key_file: str | None) -> tuple[str | None, str]:
-    """(key or None, where it came from, for messages).  The environment variable named `env_var` wins; else
-    `key_file`, a JSON object mapping a base URL, host[:port], host or "*" to a key."""
-    env_var = (env_var or "").strip()
-    if env_var:
-        value = os.environ.get(env_var, "").strip()
-        if value:
-            return value, f"environment variable {env_var}"
-    if key_file and os.path.isfile(key_file):
-        try:
-            with open(key_file, encoding="utf-8") as f:
-                table = json.load(f)
-        except json.JSONDecodeError as e:
-            raise VLMError(f"the VLM key file {key_file} is not valid JSON (line {e.lineno}, column {e.colno}); "
-                           'it should look like {"https://api.openai.com/v1": "sk-...", "*": "..."}') from None
-        except OSError as e:
-            raise VLMError(f"cannot read the VLM key file {key_file}: {type(e).__name__}") from None
-        if not isinstance(table, dict):
-            raise VLMError(f"the VLM key file {key_file} must hold a JSON object mapping base URLs or hosts to keys")
-        parts = urlsplit(base_url)
-        for candidate in (base_url, base_url + "/", parts.netloc, parts.hostname or "", "*"):
-            value = table.get(candidate)
-            if isinstance(value, str) and value.strip():
-                return value.strip(), f"key file {key_file} (entry {candidate!r})"
-    return None, "no key" + (f" (environment variable {env_var} is not set)" if env_var else "")
-
-
-class Scrubber:
-    """Removes a secret (and any 8+ character piece of it) from text."""
-
-    def __init__(self, secret: str | None):
-        self.secret = secret or ""
-
-    def __call__(self, text: str) -> str:
-        text = str(text)
-        s = self.secret
-        if len(s) < 4:
-            return text
-        text = text.replace(s, "[redacted]")
-        if len(s) >= 8:
-            def redact(m):
-                token = m.group(0)
-                if any(s[i:i + 8] in token for i in range(len(s) - 7)):
-                    return "[redacted]"
-                return token
-            text = re.sub(r"[^\s\"'<>,;:=()\[\]{}]{8,}", redact, text)
-        return text
 
 
 @dataclass
@@ -200,80 +118,6 @@ class VLMConfig:
                                    "least 16")
         if self.timeout <= 0 or self.deadline <= 0:
             raise RewardInputError("VLM reward: timeout and deadline must be positive (seconds)")
-
-
-@dataclass
-class Counters:
-    calls: int = 0              # HTTP requests sent
-    cache_hits: int = 0
-    retries: int = 0            # transient failures retried (429, 5xx, timeouts, connection errors, bad bodies)
-    bad_answers: int = 0        # answers that could not be parsed (re-asked or failed)
-    failures: int = 0           # groups that fell to the failure policy
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    images: int = 0             # images scored
-    reward_calls: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **amounts):
-        with self.lock:
-            for name, value in amounts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            return {k: getattr(self, k) for k in ("calls", "cache_hits", "retries", "bad_answers", "failures",
-                                                   "prompt_tokens", "completion_tokens", "images", "reward_calls")}
-
-
-# ---- rate limiting ---------------------------------------------------------------------------------------------
-
-class RateLimiter:
-    """At most `per_minute` request starts in any 60 s window (0: unlimited).  Thread-safe."""
-
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic):
-        self.per_minute = int(per_minute) if per_minute and per_minute > 0 else 0
-        self.clock = clock
-        self.starts: deque[float] = deque()
-        self.lock = threading.Lock()
-
-    def delay(self) -> float:
-        """Reserve a slot; seconds the caller must wait before starting (0 = now)."""
-        if not self.per_minute:
-            return 0.0
-        with self.lock:
-            now = self.clock()
-            while self.starts and self.starts[0] <= now - 60.0:
-                self.starts.popleft()
-            if len(self.starts) < self.per_minute:
-                self.starts.append(now)
-                return 0.0
-            start = self.starts[-self.per_minute] + 60.0  # when the oldest of the last `per_minute` leaves
-            start = max(start, now)
-            self.starts.append(start)
-            return start - now
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds: a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: uniform in [d/2, d] for d = min(cap, base * 2^attempt)."""
-    d = min(cap, base * (2 ** attempt))
-    return d * (0.5 + 0.5 * rng.random())
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
@@ -521,236 +365,6 @@ def parse_ranking(text: str, n: int) -> list[int]:
     return [label - 1 for label in seen]
 
 
-# ---- requests --------------------------------------------------------------------------------------------------
-
-@dataclass
-class Ask:
-    """One request: the messages (images as data URLs), how to parse the answer, and the cache key."""
-    messages: list
-    schema: dict | None
-    parse: Callable[[str], object]
-    cache_key: str
-
-
-def _schema(name: str, properties: dict) -> dict:
-    return {"type": "json_schema",
-            "json_schema": {"name": name, "strict": True,
-                            "schema": {"type": "object", "properties": properties, "required": list(properties),
-                                       "additionalProperties": False}}}
-
-
-class VLMClient:
-    """POSTs chat completions with retries, rate limits and a cache; thread-safe."""
-
-    def __init__(self, config: VLMConfig, counters: Counters, sleep: Callable[[float, threading.Event], None] | None = None,
-                 session: requests.Session | None = None, rng: random.Random | None = None):
-        self.config = config
-        self.counters = counters
-        self.host = endpoint_host(config.base_url)
-        self.url = config.base_url + "/chat/completions"
-        self.limiter = RateLimiter(config.requests_per_minute)
-        self.session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(4, config.concurrency))
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.sleep = sleep or (lambda seconds, stop: stop.wait(seconds))
-        self.rng = rng or random.Random()
-        self.structured_supported = config.structured_output == "auto"
-        self.token_param = "max_tokens"   # newer OpenAI models want max_completion_tokens
-        self.send_temperature = True      # some reasoning models accept only their default temperature
-        self.key: str | None = None
-        self.key_source = "no key"
-        self.scrub = Scrubber(None)
-
-    def set_key(self, key: str | None, source: str) -> None:
-        self.key, self.key_source, self.scrub = key, source, Scrubber(key)
-
-    def what(self) -> str:
-        return f"{self.host} (model {self.config.model})"
-
-    # cache ------------------------------------------------------------------------------------------------------
-    def _cache_path(self, key: str) -> str | None:
-        if not self.config.cache_dir:
-            return None
-        return os.path.join(self.config.cache_dir, key[:2], key + ".json")
-
-    def cache_get(self, key: str) -> str | None:
-        path = self._cache_path(key)
-        if path is None or not os.path.isfile(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                entry = json.load(f)
-            return entry["content"] if isinstance(entry.get("content"), str) else None
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def cache_put(self, key: str, content: str) -> None:
-        path = self._cache_path(key)
-        if path is None:
-            return
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"version": CACHE_VERSION, "endpoint": self.config.base_url, "model": self.config.model,
-                           "mode": self.config.mode, "content": self.scrub(content), "created": time.time()}, f)
-            os.replace(tmp, path)
-        except OSError as e:
-            LOG.warning("%s VLM cache: cannot write %s (%s); going on without caching this answer", LOG_PREFIX,
-                        path, type(e).__name__)
-
-    # asking -----------------------------------------------------------------------------------------------------
-    def answer(self, ask: Ask, deadline: float, stop: threading.Event):
-        cached = self.cache_get(ask.cache_key)
-        if cached is not None:
-            try:
-                result = ask.parse(cached)
-                self.counters.add(cache_hits=1)
-                return result
-            except VLMAnswerError:
-                pass  # an entry from an older parser: ask again
-        problem = None
-        for _ in range(1 + max(0, self.config.answer_retries)):
-            content = self.post(ask, deadline, stop)
-            try:
-                result = ask.parse(content)
-            except VLMAnswerError as e:
-                self.counters.add(bad_answers=1)
-                problem = e
-                continue
-            self.cache_put(ask.cache_key, content)
-            return result
-        excerpt = self.scrub(" ".join((content or "").split())[:200])
-        raise VLMError(f"{self.what()} answered, but {problem} (answer: {excerpt!r}); asked "
-                       f"{1 + max(0, self.config.answer_retries)} times")
-
-    def _body(self, ask: Ask) -> dict:
-        body = {"model": self.config.model, "messages": ask.messages, self.token_param: self.config.max_tokens}
-        if self.send_temperature:
-            body["temperature"] = 0
-        if ask.schema is not None and self.structured_supported:
-            body["response_format"] = ask.schema
-        return body
-
-    def post(self, ask: Ask, deadline: float, stop: threading.Event) -> str:
-        cfg = self.config
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        attempt = 0
-        while True:
-            if stop.is_set():
-                raise VLMError(f"{self.what()}: the reward call was stopped")
-            delay = self.limiter.delay()
-            if delay > 0:
-                if time.monotonic() + delay > deadline:
-                    raise VLMError(f"{self.what()}: the requests-per-minute limit ({cfg.requests_per_minute:g}) "
-                                   f"leaves no slot before the deadline of {cfg.deadline:g} s for this reward call")
-                self.sleep(delay, stop)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise VLMError(f"{self.what()}: the deadline of {cfg.deadline:g} s for this reward call passed")
-            timeout = min(cfg.timeout, remaining)
-            body = self._body(ask)
-            retry_after = None
-            try:
-                self.counters.add(calls=1)
-                response = self.session.post(self.url, json=body, headers=headers, timeout=(min(10.0, timeout), timeout))
-            except requests.Timeout:
-                problem = f"no answer within {timeout:.3g} s (timeout)"
-            except requests.ConnectionError as e:
-                problem = f"cannot connect ({type(e).__name__})"
-            except requests.RequestException as e:
-                raise VLMError(f"{self.what()}: request failed ({type(e).__name__})") from None
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        data = response.json()
-                        message = data["choices"][0]["message"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        text = response.text.strip()
-                        problem = ("HTTP 200 with an empty body" if not text else
-                                   "HTTP 200 but the body is not a chat completion (malformed JSON: "
-                                   f"{self.scrub(' '.join(text.split())[:120])!r})")
-                    else:
-                        usage = data.get("usage") if isinstance(data, dict) else None
-                        if isinstance(usage, dict):
-                            self.counters.add(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                              completion_tokens=int(usage.get("completion_tokens") or 0))
-                        return _message_text(message)
-                elif status == 429 or status >= 500 or status == 408:
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-                    problem = f"HTTP {status}{_reason(response, self.scrub)}"
-                elif status in (400, 422) and self._adapt(body, response, status):
-                    continue
-                else:
-                    raise VLMError(f"{self.what()}: HTTP {status}{_reason(response, self.scrub)}"
-                                   f"{self._hint(status)}")
-            if attempt >= cfg.max_retries:
-                raise VLMError(f"{self.what()}: {problem}; gave up after {attempt} "
-                               f"retr{'y' if attempt == 1 else 'ies'}" + self._hint_transient(problem))
-            wait_s = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_cap, self.rng)
-            if retry_after is not None:
-                wait_s = max(wait_s, retry_after)
-            if time.monotonic() + wait_s > deadline:
-                raise VLMError(f"{self.what()}: {problem}; the next retry (in {wait_s:.3g} s) would pass the deadline "
-                               f"of {cfg.deadline:g} s for this reward call")
-            self.counters.add(retries=1)
-            LOG.debug("%s VLM %s: %s; retry %d in %.2f s", LOG_PREFIX, self.host, problem, attempt + 1, wait_s)
-            self.sleep(wait_s, stop)
-            attempt += 1
-
-    def _adapt(self, body: dict, response, status: int) -> bool:
-        """After a 400/422: drop or rename the optional parameter the endpoint objects to (each at most once, and
-        remembered); True when the request should be sent again."""
-        text = response.text.lower()
-        change = None
-        if "max_tokens" in body and "max_tokens" in text and "max_completion_tokens" in text:
-            self.token_param, change = "max_completion_tokens", "max_tokens -> max_completion_tokens"
-        elif "temperature" in body and "temperature" in text:
-            self.send_temperature, change = False, "temperature dropped"
-        elif "response_format" in body:  # servers word this one in many ways: any other 400 drops it
-            self.structured_supported, change = False, "structured output (response_format) off"
-        if change:
-            LOG.info("%s VLM %s: HTTP %d for a request parameter; %s", LOG_PREFIX, self.host, status, change)
-        return change is not None
-
-    def _hint(self, status: int) -> str:
-        if status in (401, 403):
-            return (f" - the endpoint refused the API key ({self.key_source}); set the environment variable named on "
-                    "the node before starting ComfyUI, or put the key in the key file")
-        if status == 404:
-            return f" - check the base URL (POSTed to {self.url}) and the model name"
-        return ""
-
-    @staticmethod
-    def _hint_transient(problem: str) -> str:
-        if "429" in problem:
-            return " (rate limited: lower requests_per_minute or concurrency)"
-        return ""
-
-
-def _reason(response, scrub) -> str:
-    text = ""
-    try:
-        data = response.json()
-        err = data.get("error") if isinstance(data, dict) else None
-        text = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else "")
-    except ValueError:
-        text = response.text
-    text = " ".join(str(text or "").split())[:200]
-    return f" {response.reason or ''}".rstrip() + (f": {scrub(text)}" if text else "")
-
-
-def _message_text(message) -> str:
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list):  # some servers answer in parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
-
-
 # ---- the reward ------------------------------------------------------------------------------------------------
 
 class VLMReward(Reward):
@@ -798,14 +412,14 @@ class VLMReward(Reward):
         if n == 1:
             text = (f"Score the image from 0 to {top} (higher is better) by these criteria:\n{criteria}\n\n"
                     f'Answer with JSON only: {{"score": <number from 0 to {top}>}}')
-            schema = _schema("score", {"score": {"type": "number"}})
+            schema = response_format_schema("score", {"score": {"type": "number"}})
             picture = images[0].pil
         else:
             fields = ", ".join(f'"image_{i}": <number>' for i in range(1, n + 1))
             text = (f"The grid shows {n} images, each labelled with its number (1 to {n}) in its top-left corner. "
                     f"Score each image on its own from 0 to {top} (higher is better) by these criteria:\n{criteria}\n\n"
                     f"Answer with JSON only: {{{fields}}}")
-            schema = _schema("scores", {f"image_{i}": {"type": "number"} for i in range(1, n + 1)})
+            schema = response_format_schema("scores", {f"image_{i}": {"type": "number"} for i in range(1, n + 1)})
             picture = labelled_grid([im.pil for im in images], self.config.image_size)
         max_score = self.config.max_score
         return Ask(messages=_messages(text, [picture]), schema=schema,
@@ -816,7 +430,7 @@ class VLMReward(Reward):
     def _pair_ask(self, first: EncodedImage, second: EncodedImage, prompt: str | None) -> Ask:
         text = (f"Compare Image 1 and Image 2 by these criteria:\n{self._criteria(prompt)}\n\n"
                 'Which image is better? Answer with JSON only: {"better": 1} or {"better": 2}')
-        schema = _schema("choice", {"better": {"type": "integer", "enum": [1, 2]}})
+        schema = response_format_schema("choice", {"better": {"type": "integer", "enum": [1, 2]}})
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": [{"type": "text", "text": text},
                                                  {"type": "text", "text": "Image 1:"}, _image_part(first.data_url),
@@ -829,7 +443,7 @@ class VLMReward(Reward):
         text = (f"The grid shows {n} images, each labelled with its number (1 to {n}) in its top-left corner. "
                 f"Rank all {n} images from best to worst by these criteria:\n{self._criteria(prompt)}\n\n"
                 f'Answer with JSON only: {{"ranking": [the {n} labels, best first, each exactly once]}}')
-        schema = _schema("ranking", {"ranking": {"type": "array",
+        schema = response_format_schema("ranking", {"ranking": {"type": "array",
                                                  "items": {"type": "integer", "enum": list(range(1, n + 1))}}})
         grid = labelled_grid([im.pil for im in images], self.config.image_size)
         return Ask(messages=_messages(text, [grid]), schema=schema, parse=lambda t: parse_ranking(t, n),

@@ -25,6 +25,7 @@ from PIL import Image
 import harness
 
 vlm = harness.pack_submodule("rewards.vlm")
+vlm_client = harness.pack_submodule("rewards.vlm_client")
 base = harness.pack_submodule("rewards.base")
 
 RED = (0.9, 0.2, 0.2)
@@ -276,14 +277,14 @@ def test_key_file_in_user_dir_by_base_url_host_or_star(scripted, tmp_path, monke
     path = tmp_path / "vlm_keys.json"
     for entry in (scripted.url, host, "*"):
         path.write_text(json.dumps({entry: "sk-from-file-" + entry[-5:], "https://other.example/v1": "nope"}))
-        key, source = vlm.resolve_api_key("RS_VLM_TEST_KEY", scripted.url, str(path))
+        key, source = vlm_client.resolve_api_key("RS_VLM_TEST_KEY", scripted.url, str(path))
         assert key == "sk-from-file-" + entry[-5:] and str(path) in source and key not in source
     monkeypatch.setenv("RS_VLM_TEST_KEY", "sk-env-wins")
-    assert vlm.resolve_api_key("RS_VLM_TEST_KEY", scripted.url, str(path))[0] == "sk-env-wins"
+    assert vlm_client.resolve_api_key("RS_VLM_TEST_KEY", scripted.url, str(path))[0] == "sk-env-wins"
     path.write_text("{not json")
     monkeypatch.delenv("RS_VLM_TEST_KEY")
-    with pytest.raises(vlm.VLMError, match="not valid JSON"):
-        vlm.resolve_api_key("RS_VLM_TEST_KEY", scripted.url, str(path))
+    with pytest.raises(vlm_client.VLMError, match="not valid JSON"):
+        vlm_client.resolve_api_key("RS_VLM_TEST_KEY", scripted.url, str(path))
 
 
 def test_structured_output_dropped_when_endpoint_rejects_it(scripted):
@@ -309,11 +310,11 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature(scripted)
 
 
 def test_urls_with_paths_or_credentials():
-    assert vlm.normalise_base_url("https://api.openai.com/v1/chat/completions/") == "https://api.openai.com/v1"
+    assert vlm_client.normalise_base_url("https://api.openai.com/v1/chat/completions/") == "https://api.openai.com/v1"
     with pytest.raises(base.RewardInputError, match="user name or password"):
-        vlm.normalise_base_url("https://user:secret@example.com/v1")
+        vlm_client.normalise_base_url("https://user:secret@example.com/v1")
     with pytest.raises(base.RewardInputError, match="base URL"):
-        vlm.normalise_base_url("api.openai.com")
+        vlm_client.normalise_base_url("api.openai.com")
 
 
 # ---- parsing -----------------------------------------------------------------------------------------------------
@@ -497,7 +498,7 @@ def test_failure_policies(scripted, kind, policy, caplog):
     images = solid([SHADES[7], SHADES[0]])
     host = scripted.url.split("//")[1].split("/")[0]
     if policy == "fail":
-        with pytest.raises(vlm.VLMError) as info:
+        with pytest.raises(vlm_client.VLMError) as info:
             reward(images)
         message = str(info.value)
         assert host in message and problem in message and "scripted-vl" in message
@@ -537,11 +538,11 @@ def test_backoff_and_retry_after_helpers():
     rng = random.Random(0)
     for attempt in range(8):
         d = min(30.0, 2.0 ** attempt)
-        values = [vlm.backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(50)]
+        values = [vlm_client.backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(50)]
         assert all(d / 2 <= v <= d for v in values) and len(set(values)) > 40  # jittered
-    assert vlm.retry_after_seconds("12") == 12.0
-    assert vlm.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
-    assert vlm.retry_after_seconds(None) is None and vlm.retry_after_seconds("soon") is None
+    assert vlm_client.retry_after_seconds("12") == 12.0
+    assert vlm_client.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+    assert vlm_client.retry_after_seconds(None) is None and vlm_client.retry_after_seconds("soon") is None
 
 
 def test_deadline_bounds_a_reward_call(scripted):
@@ -549,7 +550,7 @@ def test_deadline_bounds_a_reward_call(scripted):
     reward = make_reward(scripted, deadline=2.0, max_retries=10, sleep=None)  # real sleeping
     reward.client.sleep = lambda s, stop: stop.wait(s)
     started = time.monotonic()
-    with pytest.raises(vlm.VLMError, match="deadline of 2 s"):
+    with pytest.raises(vlm_client.VLMError, match="deadline of 2 s"):
         reward(solid([SHADES[1]]))
     assert time.monotonic() - started < 1.5  # gave up at once: the Retry-After lies past the deadline
     assert reward.counters.calls == 1
@@ -560,12 +561,12 @@ def test_concurrency_and_requests_per_minute(scripted):
     make_reward(scripted, concurrency=2)(solid(SHADES))
     assert scripted.max_active == 2 and len(scripted.requests) == 8
     clock = [0.0]
-    limiter = vlm.RateLimiter(3, clock=lambda: clock[0])
+    limiter = vlm_client.RateLimiter(3, clock=lambda: clock[0])
     assert [limiter.delay() for _ in range(5)] == [0.0, 0.0, 0.0, 60.0, 60.0]
     clock[0] = 30.0
     assert limiter.delay() == 30.0  # a third start at 60 keeps every 60 s window at 3
     assert limiter.delay() == 90.0  # 60, 60, 60 taken: the next at 120
-    assert vlm.RateLimiter(0).delay() == 0.0
+    assert vlm_client.RateLimiter(0).delay() == 0.0
 
 
 def test_interrupt_stops_a_reward_call(scripted):
@@ -592,14 +593,14 @@ def test_key_echoed_by_the_endpoint_is_scrubbed(scripted, monkeypatch, caplog):
     monkeypatch.setenv("RS_VLM_TEST_KEY", key)
     scripted.script.append({"status": 401, "message": f"Incorrect API key provided: {key}. Also {key[:12]}...{key[-6:]}"
                                                       f" and {key[5:30]}"})
-    with pytest.raises(vlm.VLMError) as info:
+    with pytest.raises(vlm_client.VLMError) as info:
         make_reward(scripted, api_key_env="RS_VLM_TEST_KEY")(solid([SHADES[0]]))
     message = str(info.value)
     assert "HTTP 401" in message and "refused the API key" in message and "RS_VLM_TEST_KEY" in message
     assert key not in message and key[5:30] not in message and key[:12] not in message
     scripted.script.append({"content": f"score 5 ({key})"})
     with caplog.at_level("DEBUG"):
-        with pytest.raises(vlm.VLMError):
+        with pytest.raises(vlm_client.VLMError):
             make_reward(scripted, api_key_env="RS_VLM_TEST_KEY", answer_retries=0, failure="fail",
                         mode="pairwise_knockout")(solid([SHADES[0], SHADES[1]]))
     assert all(key[8:20] not in r.getMessage() for r in caplog.records)
