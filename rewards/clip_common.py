@@ -27,6 +27,7 @@ def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=C
     return (x - m) / s
 
 
+TEXT_CACHE_SIZE = 256   # distinct texts remembered per model
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,6 +56,7 @@ class OpenClipModel:
         with torch.inference_mode(False):
             self.model = model.eval().to(self.dtype)
         self.tokenizer = tokenizer
+        self._text_cache: dict[str, torch.Tensor] = {}
         self.arch = arch
         self.source = source
         self.image_size = int(getattr(model.visual, "image_size", (224, 224))[0]
@@ -85,9 +87,16 @@ class OpenClipModel:
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [len(texts), D].  Each distinct text is encoded once and remembered: a
+        sampler scores every step against the same prompt, usually one prompt for the whole batch."""
         device = self.device()
-        tokens = self.tokenizer(texts).to(device)
-        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        new = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if new:
+            emb = self.model.encode_text(self.tokenizer(new).to(device)).float()
+            if len(self._text_cache) + len(new) > TEXT_CACHE_SIZE:
+                self._text_cache.clear()
+            self._text_cache.update(zip(new, torch.nn.functional.normalize(emb, dim=-1).cpu()))
+        return torch.stack([self._text_cache[t] for t in texts]).to(device)
 
     def describe(self) -> str:
         return f"{self.arch} ({self.source})"

@@ -106,6 +106,26 @@ def test_clip_score_equals_direct_cosine_and_uses_the_prompt(model_dirs):
                                                                                 (img[1] * dog[0]).sum()]), atol=1e-5)
 
 
+def test_each_distinct_text_is_encoded_once(model_dirs, monkeypatch):
+    """A sampler scores every step against the same prompt(s): the text tower runs once per distinct text."""
+    clip = load(model_dirs)
+    clip._text_cache.clear()
+    reference = clip.text_embeddings(["a cat", "a dog"]).clone()
+    clip._text_cache.clear()
+    encoded = []
+    real = clip.model.encode_text
+    monkeypatch.setattr(clip.model, "encode_text", lambda tokens: encoded.append(tokens.shape[0]) or real(tokens))
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    reward = nodes.ClipScoreRewardNode.execute(clip, "", "a dog")[0]
+    images = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(3))
+    first = reward(images, ["a cat"] * 4)
+    for _ in range(3):
+        assert torch.equal(reward(images, ["a cat"] * 4), first)
+    assert encoded == [1, 1]            # "a cat" once (for 4 images), the negative "a dog" once
+    assert torch.allclose(clip.text_embeddings(["a dog", "a cat", "a dog"]), reference[[1, 0, 1]], atol=1e-6)
+    assert encoded == [1, 1]
+
+
 def test_clip_reward_drives_a_demon_run_in_the_executor(executor, model_dirs):
     prompt = {
         "1": {"class_type": "RewardSteerReferenceModel",
