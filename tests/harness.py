@@ -130,6 +130,26 @@ def reference_model_node(parametrization: str = "eps", weights: str = "") -> dic
             "inputs": {"parametrization": parametrization, "components": 8, "spread": 0.1, "weights": weights}}
 
 
+def red_reward_node() -> dict:
+    """The weight-free colour reward 'toward red' used across the tests."""
+    return {"class_type": "RewardSteerColorReward",
+            "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}}
+
+
+def sampler_custom_advanced_nodes(sampler: str, scheduler: str, steps: int, seed: int = 1) -> dict:
+    """Nodes "5".."8": BasicScheduler, RandomNoise, BasicGuider and SamplerCustomAdvanced running the SAMPLER of
+    node `sampler` on the MODEL / CONDITIONING of node "1" from the latent of node "2"."""
+    return {
+        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": scheduler, "steps": steps,
+                                                         "denoise": 1.0}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "7": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["1", 2]}},
+        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
+                                                                "sampler": [sampler, 0], "sigmas": ["5", 0],
+                                                                "latent_image": ["2", 0]}},
+    }
+
+
 def masked_img2img_graph(parametrization: str) -> dict:
     """Nodes 1-7: the reference model, a batch of 2 encoded images, and a noise mask on their left half (node 7
     is the masked LATENT, node 3 the unmasked encoding)."""

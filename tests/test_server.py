@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import build_workflows
+import harness
 from comfy_client import REPO, api_to_ui, host_paths, ui_to_api, validate_ui_workflow
 from test_registry import EXPECTED_NODE_IDS
 
@@ -148,16 +149,9 @@ def test_demon_sampler_node_and_tiny_unet_over_http(server):
         "1": {"class_type": "RewardSteerReferenceModel",
               "inputs": {"parametrization": "flow", "components": 8, "spread": 0.1, "weights": ""}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
-        "3": {"class_type": "RewardSteerColorReward",
-              "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}},
+        "3": harness.red_reward_node(),
         "4": {"class_type": "RewardSteerDemonSampler", "inputs": {"reward": ["3", 0], "vae": ["1", 1], **steer}},
-        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 12,
-                                                         "denoise": 1.0}},
-        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
-        "7": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["1", 2]}},
-        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
-                                                                "sampler": ["4", 0], "sigmas": ["5", 0],
-                                                                "latent_image": ["2", 0]}},
+        **harness.sampler_custom_advanced_nodes("4", "simple", 12, seed=1),
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 1]}},
         "10": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["9", 0], "reward": ["3", 0]}},
         # the tiny real UNet through the all-in-one node
@@ -180,16 +174,9 @@ def test_smc_sampler_node_and_best_of_n_over_http(server):
         "1": {"class_type": "RewardSteerReferenceModel",
               "inputs": {"parametrization": "v_prediction", "components": 8, "spread": 0.1, "weights": ""}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
-        "3": {"class_type": "RewardSteerColorReward",
-              "inputs": {"mode": "toward colour", "red": 0.9, "green": 0.2, "blue": 0.2, "bias": 0.0}},
+        "3": harness.red_reward_node(),
         "4": {"class_type": "RewardSteerSMCSampler", "inputs": {"reward": ["3", 0], "vae": ["1", 1], **smc}},
-        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 10,
-                                                         "denoise": 1.0}},
-        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
-        "7": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["1", 2]}},
-        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["7", 0],
-                                                                "sampler": ["4", 0], "sigmas": ["5", 0],
-                                                                "latent_image": ["2", 0]}},
+        **harness.sampler_custom_advanced_nodes("4", "karras", 10, seed=1),
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 1]}},
         "10": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["9", 0], "reward": ["3", 0]}},
         "11": {"class_type": "RewardSteerBestOfN",
