@@ -196,7 +196,8 @@ class ReferenceVAE(comfy.sd.VAE):
         finally:
             logger.setLevel(level)
         self.latent_channels = 3
-        self.process_output = lambda image: (image + 1.0) / 2.0
+        # In place *and* returned: ComfyUI up to v0.17 uses the return value, v0.18+ only the in-place effect.
+        self.process_output = lambda image: image.add_(1.0).div_(2.0)
         self.working_dtypes = [torch.float32]
         self.memory_used_decode = lambda shape, dtype: 4 * 3 * shape[2] * shape[3] * DOWNSCALE ** 2 * 4
         self.memory_used_encode = lambda shape, dtype: 4 * 3 * shape[2] * shape[3] * 4

@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""The main job on the embedded default: install the host if missing, start ComfyUI headless on 127.0.0.1,
-queue workflows/demo_reference.json (plain sampling vs the Demon sampler vs SMC / FK steering), save the images and a summary
-(mean rewards next to the exact answers),
-print where they are, and stop the server.
+"""The main job on the embedded default: install the newest ComfyUI host that can be installed if it is missing,
+start ComfyUI headless on 127.0.0.1, queue workflows/demo_reference.json (plain sampling vs the Demon sampler vs
+SMC / FK steering), save the images and a summary (mean rewards next to the exact answers), print where they are,
+and stop the server.
 
-    python3 scripts/run_demo.py [--output DIR]
+The demo checks itself: every figure with an exact answer (plain sampling against E[r] under the model, FK
+against E[r] under p·exp(λr)) must lie within 4 standard errors of it, or the demo says which one is off and
+exits with status 2.
+
+    python3 scripts/run_demo.py [--output DIR] [--host 0.3.75|0.28.2|newest]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -41,6 +46,7 @@ def summarise(history: dict, api: dict, output_dir: Path) -> dict:
     images = [output_dir / img.get("subfolder", "") / img["filename"]
               for node in outputs.values() for img in node.get("images", [])]
     plain = score_summary(outputs[node_id_of(api, "RewardSteerScoreImages", "Score plain samples")]["scores"])
+    plain["settings"] = {k: api[node_id_of(api, "KSampler")]["inputs"][k] for k in ("sampler_name", "scheduler", "steps")}
     demon = score_summary(outputs[node_id_of(api, "RewardSteerScoreImages", "Score Demon samples")]["scores"])
     demon_node = node_id_of(api, "RewardSteerKSamplerDemon")
     demon["compute"] = outputs[demon_node]["demon"][0]
@@ -50,9 +56,6 @@ def summarise(history: dict, api: dict, output_dir: Path) -> dict:
     fk["compute"] = {k: v for k, v in outputs[fk_node]["smc"][0].items() if k.endswith("per_image")}
     fk["settings"] = {k: api[fk_node]["inputs"][k] for k in ("particles", "lam", "potential", "output", "steps")}
     target = outputs[node_id_of(api, "RewardSteerReferenceExactTarget")]["target"][0]
-    plain["exact_expected_reward"] = target["expected_reward_base"]
-    plain["z_score"] = ((plain["mean_reward"] - target["expected_reward_base"]) / plain["standard_error"]
-                        if plain["standard_error"] > 0 else 0.0)
     return {
         "workflow": str(WORKFLOW.relative_to(REPO)),
         "reward": target["reward"],
@@ -68,6 +71,33 @@ def summarise(history: dict, api: dict, output_dir: Path) -> dict:
     }
 
 
+Z_LIMIT = 4.0
+
+
+def z_score(mean: float, standard_error: float, exact: float) -> float:
+    """Standard errors between a Monte-Carlo mean and its exact value (inf when a zero spread misses it)."""
+    if standard_error > 0:
+        return (mean - exact) / standard_error
+    return 0.0 if abs(mean - exact) < 1e-9 else math.copysign(math.inf, mean - exact)
+
+
+def check_against_exact(summary: dict) -> list[str]:
+    """The figures that are more than Z_LIMIT standard errors from their exact answer, as messages (empty = all
+    agree).  Also fills in each checked figure's `exact` and `z_score`."""
+    e = summary["exact"]
+    checks = [("plain sampling", summary["plain"], e["expected_reward_plain"], "E[r] under the model"),
+              ("FK / SMC steering", summary["fk"], e["expected_reward_tilted"],
+               f"E[r] under p·exp({e['lambda']:g}·r)")]
+    problems = []
+    for name, figure, exact, what in checks:
+        z = z_score(figure["mean_reward"], figure["standard_error"], exact)
+        figure["exact"], figure["z_score"] = exact, z
+        if not abs(z) <= Z_LIMIT:
+            problems.append(f"{name}: mean reward {figure['mean_reward']:.4f} ± {figure['standard_error']:.4f} is "
+                            f"{z:+.1f} standard errors from the exact {what} = {exact:.4f} (allowed: {Z_LIMIT:g})")
+    return problems
+
+
 def write_report(summary: dict, output_dir: Path) -> Path:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     p, d, f, e = summary["plain"], summary["demon"], summary["fk"], summary["exact"]
@@ -76,18 +106,20 @@ def write_report(summary: dict, output_dir: Path) -> Path:
         "",
         f"Reward: {summary['reward']}",
         "",
-        "| run | samples | mean reward | model calls / image |",
-        "|---|---|---|---|",
-        f"| plain sampling (KSampler euler, 30 steps) | {p['samples']} | {p['mean_reward']:.4f} ± "
-        f"{p['standard_error']:.4f} | 30 |",
+        "| run | samples | mean reward | exact | z | model calls / image |",
+        "|---|---|---|---|---|---|",
+        f"| plain sampling (KSampler {p['settings']['sampler_name']}, {p['settings']['scheduler']}, "
+        f"{p['settings']['steps']} steps) | {p['samples']} | {p['mean_reward']:.4f} ± {p['standard_error']:.4f} | "
+        f"{p['exact']:.4f} | {p['z_score']:+.1f} | {p['settings']['steps']} |",
         f"| KSampler (Demon), K={d['settings']['k']}, {d['settings']['estimator']} | {d['samples']} | "
-        f"{d['mean_reward']:.4f} ± {d['standard_error']:.4f} | {d['compute']['model_calls_per_image']:.0f} |",
+        f"{d['mean_reward']:.4f} ± {d['standard_error']:.4f} | (no target) | | "
+        f"{d['compute']['model_calls_per_image']:.0f} |",
         f"| KSampler (SMC / FK), {f['settings']['particles']} particles, λ={f['settings']['lam']:g}, weighted draw | "
-        f"{f['samples']} | {f['mean_reward']:.4f} ± {f['standard_error']:.4f} | "
-        f"{f['compute']['model_calls_per_image']:.0f} |",
+        f"{f['samples']} | {f['mean_reward']:.4f} ± {f['standard_error']:.4f} | {f['exact']:.4f} | "
+        f"{f['z_score']:+.1f} | {f['compute']['model_calls_per_image']:.0f} |",
         "",
-        f"FK targets p·exp(λ·r) exactly: its mean reward should match {e['expected_reward_tilted']:.4f} (below); "
-        "Demon climbs greedily and has no such target.",
+        f"Plain sampling should match E[r] under the model, and FK E[r] under p·exp(λ·r), within Monte-Carlo error "
+        f"(the demo fails beyond {Z_LIMIT:g} standard errors); Demon climbs greedily and has no such target.",
         "",
         f"Exact answers: E[r] under the model = {e['expected_reward_plain']:.4f}; best picture's reward = "
         f"{e['best_component_reward']:.4f}; E[r] under p·exp({e['lambda']:g}·r) = {e['expected_reward_tilted']:.4f}.",
@@ -102,13 +134,19 @@ def write_report(summary: dict, output_dir: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=REPO / "demo_output", help="where images and summary go")
+    parser.add_argument("--host", default="newest", help="which ComfyUI host to run on: 0.3.75, 0.28.2 or newest "
+                        "(default: the newest that can be installed)")
     args = parser.parse_args()
     output_dir = args.output.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    setup = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_host.py")])
+    setup = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_host.py"), "--host", args.host],
+                           stdout=subprocess.PIPE, text=True)
     if setup.returncode != 0:
         return setup.returncode
+    host = dict(item.split("=", 1) for item in setup.stdout.strip().splitlines()[-1].split())
+    os.environ.update({"COMFYUI_DIR": host["COMFYUI_DIR"], "COMFYUI_PYTHON": host["COMFYUI_PYTHON"]})
+    print(f"ComfyUI host: {host['COMFYUI_HOST']} ({host['COMFYUI_DIR']})")
 
     started = time.time()
     with ComfyServer(output_dir=output_dir, log_path=output_dir / "comfyui.log") as server:
@@ -121,11 +159,19 @@ def main() -> int:
         api = ui_to_api(workflow, info)
         history = server.run(api, timeout=900)
     summary = summarise(history, api, output_dir)
+    summary["comfyui_host"] = host["COMFYUI_HOST"]
+    problems = check_against_exact(summary)
+    summary["checks"] = {"z_limit": Z_LIMIT, "passed": not problems, "problems": problems}
     report = write_report(summary, output_dir)
     print(report.read_text())
     print(f"images:  {output_dir / 'reward_steering_demo'}")
     print(f"summary: {output_dir / 'summary.json'} and {report}")
     print(f"(server up, run and down in {time.time() - started:.1f}s; ComfyUI log: {output_dir / 'comfyui.log'})")
+    if problems:
+        print("\nDEMO FAILED: a figure disagrees with its exact answer, so something in the pack or in this ComfyUI "
+              "is wrong:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    print(f"check: every figure with an exact answer is within {Z_LIMIT:g} standard errors of it")
     return 0
 
 

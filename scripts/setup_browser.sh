@@ -5,12 +5,42 @@
 #
 #     bash scripts/setup_browser.sh            # after scripts/setup_host.py
 #
+#     bash scripts/setup_browser.sh --newest-frontend   # also: the newest comfyui-frontend-package on the
+#                                                      # registry, unpacked; last line FRONTEND_ROOT=<its static/>
+#
 # Needs root (or sudo) for apt-get.  A failure is reported, not fatal to the caller: the browser tests then fail
 # with this script's message instead of being skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${COMFYUI_PYTHON:-.host/venv/bin/python}"
+PY="${COMFYUI_PYTHON:-.host/v0.28.2/venv/bin/python}"
 status=0
+
+if [ "${1:-}" = "--newest-frontend" ]; then
+    # A folder per version, so that a newer release on the registry is picked up on the next run.
+    dl=.host/frontend/downloads
+    mkdir -p "$dl"
+    if ! "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d "$dl" \
+            comfyui-frontend-package >&2; then
+        echo "[setup_browser] FAILED to download comfyui-frontend-package from the registry" >&2
+        exit 1
+    fi
+    "$PY" - "$dl" <<'PYEOF'
+import re, sys, zipfile
+from pathlib import Path
+dl = Path(sys.argv[1])
+def version(p):
+    return tuple(int(x) for x in re.match(r"comfyui_frontend_package-([0-9.]+)-", p.name).group(1).split("."))
+wheel = max(dl.glob("comfyui_frontend_package-*.whl"), key=version)
+root = dl.parent / ".".join(map(str, version(wheel)))
+static = root / "comfyui_frontend_package" / "static"
+if not (static / "index.html").exists():
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(root)
+print(f"[setup_browser] newest frontend: {wheel.name}", file=sys.stderr)
+print(f"FRONTEND_ROOT={static.resolve()}")
+PYEOF
+    exit $?
+fi
 
 if [ ! -x /usr/bin/chromium ]; then
     echo "[setup_browser] installing Debian's chromium ..."

@@ -89,8 +89,9 @@ class InProcessExecutor:
 
         comfy.utils.set_progress_bar_global_hook(progress_hook)
         self.node_classes = nodes.NODE_CLASS_MAPPINGS
+        # main.py's cache arguments: "ram_inactive" joined "lru" / "ram" in newer ComfyUI; older ones ignore it
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                   cache_args={"lru": 0, "ram": 0})
+                                                   cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         self._execution = execution
         self._loop = loop
 
@@ -116,9 +117,12 @@ class InProcessExecutor:
         if not self.executor.success:
             errors = [m for m in self.executor.status_messages if m[0] == "execution_error"]
             raise RuntimeError(f"execution failed: {errors}")
+        outputs_cache = self.executor.caches.outputs
+        # the synchronous lookup: `get` became a coroutine in ComfyUI v0.17, with `get_local` as its plain form
+        lookup = getattr(outputs_cache, "get_local", None) or outputs_cache.get
         results = {}
         for node_id in prompt:
-            entry = self.executor.caches.outputs.get(node_id)
+            entry = lookup(node_id)
             if entry is not None:
                 results[node_id] = entry.outputs if hasattr(entry, "outputs") else entry
         self.history = self.executor.history_result
