@@ -22,10 +22,14 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", "
 
 
 def host_paths() -> tuple[Path, Path]:
-    """(python, ComfyUI folder) of the host: COMFYUI_DIR / COMFYUI_PYTHON, else the one setup_host.py built."""
+    """(python, ComfyUI folder) of the host: COMFYUI_DIR / COMFYUI_PYTHON, else the newest one setup_host.py
+    built (.host/v<version>/)."""
     if os.environ.get("COMFYUI_DIR"):
         return Path(os.environ.get("COMFYUI_PYTHON") or sys.executable), Path(os.environ["COMFYUI_DIR"])
-    host = Path(os.environ.get("REWARD_STEER_HOST", REPO / ".host"))
+    root = Path(os.environ.get("REWARD_STEER_HOST", REPO / ".host"))
+    built = [d for d in root.glob("v*") if (d / "ComfyUI" / "main.py").exists() and (d / "venv").is_dir()]
+    version = lambda d: tuple(int(p) for p in d.name[1:].split(".") if p.isdigit())  # noqa: E731
+    host = max(built, key=version) if built else root / "v0.3.75"
     return host / "venv" / "bin" / "python", host / "ComfyUI"
 
 
@@ -55,6 +59,8 @@ class ComfyServer:
                "--disable-auto-launch"] + self.extra_args
         if self.output_dir is not None:
             cmd += ["--output-directory", str(self.output_dir)]
+        if os.environ.get("REWARD_STEER_FRONTEND_ROOT"):  # another frontend than the host's pinned one (tests)
+            cmd += ["--front-end-root", os.environ["REWARD_STEER_FRONTEND_ROOT"]]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.env} if self.env else None)

@@ -317,7 +317,8 @@ def test_step_statistics_are_shown_on_the_node(executor):
     decoded = [t.decode("utf-8", errors="replace") for t in texts]
     assert any("candidate reward mean" in t for t in decoded)
     assert any("model calls" in t for t in decoded)
-    assert len(executor.progress) >= 5   # the progress bar moved every step (and checked for interrupts)
+    # the progress bar reached the end (ComfyUI throttles updates since v0.9.2, so their count means nothing)
+    assert executor.progress and executor.progress[-1][:2] == (5, 5), executor.progress
 
 
 def test_nan_rewards_do_not_lose_the_run(executor, caplog):
