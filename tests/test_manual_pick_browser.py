@@ -70,6 +70,11 @@ def comfy(tmp_path_factory):
         yield server
 
 
+# Node ids are numbers in older frontends and may be strings in newer ones (1.58): look a node up either way.
+NODE_BY_ID_JS = """(id) => { const graph = window.comfyAPI.app.app.graph;
+    return graph.getNodeById(Number(id)) ?? graph.getNodeById(String(id)) ??
+           graph._nodes.find(n => String(n.id) === String(id)) ?? null; }"""
+
 READY_JS = """() => { const app = window.comfyAPI?.app?.app;
         return app && app.graph && window.comfyAPI.api.api.clientId &&
                window.LiteGraph?.registered_node_types?.RewardSteerManualPickReward &&
@@ -91,14 +96,14 @@ def open_comfy(browser, comfy):
     page.evaluate(OBSERVE_JS)
     workflow = json.loads(WORKFLOW.read_text())
     page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", workflow)
-    widgets = page.evaluate("() => window.comfyAPI.app.app.graph.getNodeById(3).widgets.map(w => w.name)")
+    widgets = page.evaluate(f"() => ({NODE_BY_ID_JS})(3).widgets.map(w => w.name)")
     assert widgets == ["question", "mode", "ask_every", "timeout", "on_timeout"], widgets
     return page
 
 
 def set_widget(page, node_id: str, name: str, value):
     found = page.evaluate("""([id, name, value]) => {
-        const node = window.comfyAPI.app.app.graph.getNodeById(Number(id));
+        const node = (""" + NODE_BY_ID_JS + """)(id);
         const widget = node?.widgets?.find(w => w.name === name);
         if (widget) widget.value = value;
         return widget ? widget.value : `no widget ${name} on ${node?.type}: ${(node?.widgets || []).map(w => w.name)}`;

