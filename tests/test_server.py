@@ -56,7 +56,9 @@ def test_setup_without_the_shared_release_skips_it_unless_it_is_required(tmp_pat
     naming the missing file."""
     empty = tmp_path / "no-shared"
     empty.mkdir()
-    installed = host_paths()[1].parent.parent   # .host, where v0.3.75 is already installed
+    installed = tmp_path / "host"               # a host folder holding only the v0.3.75 that is installed
+    installed.mkdir()
+    (installed / "v0.3.75").symlink_to(REPO / ".host" / "v0.3.75")
     out = setup_host(REWARD_STEER_SHARED_HOSTS=str(empty), REWARD_STEER_HOST=str(installed))
     assert out.returncode == 0, out.stderr
     assert "skipping ComfyUI v0.28.2" in out.stderr and out.stdout.startswith("COMFYUI_HOST=0.3.75 ")
