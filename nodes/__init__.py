@@ -1,11 +1,14 @@
 """The pack's node registry.  Each module of this folder lists its node classes in NODES; a module whose
-optional Python packages are missing is skipped with one log line, so ComfyUI and the other nodes still load."""
+optional Python packages are missing is skipped with one log line, so ComfyUI and the other nodes still load.
+Every node registered here refuses NaN / inf in its FLOAT inputs (validation.py)."""
 from __future__ import annotations
 
 import importlib
 import logging
 
 from comfy_api.latest import ComfyExtension
+
+from .validation import check_finite_floats
 
 LOG_PREFIX = "[reward-steering]"
 
@@ -35,7 +38,7 @@ def load_node_classes(modules=NODE_MODULES, package: str = __name__) -> list[typ
                             "(pip install -r requirements.txt) and restart ComfyUI.",
                             LOG_PREFIX, module_name, ", ".join(missing))
             continue
-        classes.extend(importlib.import_module(f".{module_name}", package).NODES)
+        classes.extend(check_finite_floats(node) for node in importlib.import_module(f".{module_name}", package).NODES)
     return classes
 
 

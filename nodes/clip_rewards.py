@@ -100,7 +100,8 @@ class AestheticRewardNode(io.ComfyNode):
         if not hasattr(clip, "image_embeddings"):   # ComfyUI's CLIP_VISION
             clip = ComfyClipVision(clip)
         path = resolve("aesthetic", head)
-        module = cached(("aesthetic", path, os.path.getmtime(path)), lambda: AestheticHead(_load_state_dict(path)))
+        module = cached(("aesthetic", path, os.path.getmtime(path)),
+                        lambda: AestheticHead(_load_state_dict(path), f"{head} ({path})"))
         return io.NodeOutput(AestheticReward(clip, module, head))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from comfy_api.latest import io
 
 from ..reference.comfy_model import (PARAMETRIZATIONS, ReferenceSpec, ReferenceVAE, build_reference_model,
@@ -99,7 +100,9 @@ class TinyTestModel(io.ComfyNode):
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="seed of the random weights"),
                 io.String.Input("prompt", default="a test prompt", multiline=True,
-                                tooltip="mapped to a deterministic random embedding"),
+                                tooltip="mapped to a deterministic random embedding; several lines give a "
+                                        "conditioning batch, one line per item (ComfyUI tiles it over the latent "
+                                        "batch)"),
             ],
             outputs=[io.Model.Output(), io.Vae.Output(),
                      io.Conditioning.Output(display_name="conditioning")],
@@ -107,7 +110,15 @@ class TinyTestModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed, prompt) -> io.NodeOutput:
-        return io.NodeOutput(build_tiny_unet_model(seed), build_tiny_vae(seed), prompt_conditioning(prompt))
+        return io.NodeOutput(build_tiny_unet_model(seed), build_tiny_vae(seed), batch_conditioning(prompt))
+
+
+def batch_conditioning(prompt: str):
+    """One embedding per non-empty line, as a conditioning batch; a single line is the whole text, as before."""
+    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return prompt_conditioning(prompt)
+    return [[torch.cat([prompt_conditioning(line)[0][0] for line in lines]), {}]]
 
 
 NODES = [ReferenceModel, ReferenceExactTarget, TinyTestModel]

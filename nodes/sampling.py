@@ -3,6 +3,7 @@ node, and draw reward traces."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 
 import numpy as np
@@ -42,16 +43,29 @@ def sigmas_for(model, scheduler: str, steps: int, denoise: float) -> torch.Tenso
     return sigmas[-(steps + 1):]
 
 
+DOWNSCALE_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def fix_empty_latent(model, latent: dict) -> torch.Tensor:
+    """core's fix_empty_latent_channels, given the empty latent's downscale ratios where it takes them (ComfyUI
+    v0.11+: an EmptyLatentImage made for 8x models is resized for a 16x one such as Flux 2)."""
+    parameters = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    ratios = {key: latent.get(key) for key in DOWNSCALE_KEYS if key in parameters}
+    return comfy.sample.fix_empty_latent_channels(model, latent["samples"], **ratios)
+
+
 def run_sampler(model, sampler, sigmas, seed: int, cfg: float, positive, negative, latent: dict) -> dict:
-    """Sample like the core SamplerCustom node: fixed empty-latent channels, seeded noise, noise mask,
+    """Sample like the core SamplerCustom node: fixed empty-latent channels and size, seeded noise, noise mask,
     progress bar and live previews."""
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    latent_image = fix_empty_latent(model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
     samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                          noise_mask=latent.get("noise_mask"), callback=callback,
                                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = latent.copy()
+    for key in DOWNSCALE_KEYS:  # the latent now has the model's own size, as after core KSampler
+        out.pop(key, None)
     out["samples"] = samples
     return out
 

@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
-from .sampling import (TraceRecorder, batch_mean_series, ksampler_inputs, plot_panels, run_sampler,
+from ..samplers.model_calls import align_conds_with_items
+from .sampling import (DOWNSCALE_KEYS, TraceRecorder, batch_mean_series, ksampler_inputs, plot_panels, run_sampler,
                        run_steering_ksampler, show_text_on_node, sigmas_for)
 from .types import Reward
 
@@ -143,6 +144,26 @@ class KSamplerSMC(io.ComfyNode):
         return io.NodeOutput(out, recorder.json(), plot, ui={"smc": [totals]})
 
 
+class ItemAlignedSampler(comfy.samplers.Sampler):
+    """A core sampler run on n candidate-major copies of a batch of B items: the guider's conds are tiled to B first,
+    so every copy gets the conditioning core KSampler gives its item (a batch-2 conditioning over 3 items too)."""
+
+    def __init__(self, inner, batch: int):
+        self.inner, self.batch = inner, batch
+
+    def __getattr__(self, name):  # sampler_function, options, ...: what callers may read from the real sampler
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def max_denoise(self, model_wrap, sigmas):
+        return self.inner.max_denoise(model_wrap, sigmas)
+
+    def sample(self, model_wrap, *args, **kwargs):
+        align_conds_with_items(model_wrap, self.batch)
+        return self.inner.sample(model_wrap, *args, **kwargs)
+
+
 class BestOfN(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -168,14 +189,15 @@ class BestOfN(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 reward, vae, n, prompt="") -> io.NodeOutput:
         batch = latent_image["samples"].shape[0]
-        # candidates laid out candidate-major (like the steering samplers), so batch-B conditioning stays aligned
-        tiled = {"samples": latent_image["samples"].repeat(n, *([1] * (latent_image["samples"].ndim - 1)))}
+        # candidates laid out candidate-major (like the steering samplers), each aligned with its item's conditioning
+        tiled = {key: latent_image[key] for key in DOWNSCALE_KEYS if key in latent_image}
+        tiled["samples"] = latent_image["samples"].repeat(n, *([1] * (latent_image["samples"].ndim - 1)))
         if "noise_mask" in latent_image:
             mask = latent_image["noise_mask"]
             tiled["noise_mask"] = mask.repeat(n, *([1] * (mask.ndim - 1))) if mask.shape[0] == batch else mask
         sigmas = sigmas_for(model, scheduler, steps, denoise)
-        out = run_sampler(model, comfy.samplers.sampler_object(sampler_name), sigmas, seed, cfg, positive, negative,
-                          tiled)
+        sampler = ItemAlignedSampler(comfy.samplers.sampler_object(sampler_name), batch)
+        out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, tiled)
         samples = out["samples"]
         from ..samplers.model_calls import ComputeCounter
 

@@ -14,12 +14,12 @@ HEAD_LAYERS = (0, 2, 4, 6, 7)
 
 
 class AestheticHead(torch.nn.Module):
-    def __init__(self, state: dict):
+    def __init__(self, state: dict, source: str = "this state dict"):
         super().__init__()
         missing = [f"layers.{i}.weight" for i in HEAD_LAYERS if f"layers.{i}.weight" not in state]
         if missing:
-            raise ValueError(f"not an aesthetic predictor head: missing {', '.join(missing)} (expected the LAION "
-                             "improved-aesthetic-predictor state dict)")
+            raise ValueError(f"{source} is not an aesthetic predictor head: missing {', '.join(missing)} (expected "
+                             "the LAION improved-aesthetic-predictor state dict)")
         dims = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in HEAD_LAYERS]
         self.input_dim = dims[0]
         self.layers = torch.nn.Sequential(

@@ -102,23 +102,49 @@ class OpenClipModel:
         return f"{self.arch} ({self.source})"
 
 
+ENCODER_NAMES = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP", "siglip2_vision_model": "SigLIP 2",
+                 "dinov2": "DINOv2", "dinov3": "DINOv3"}
+
+
+def clip_vision_kind(clip_vision) -> str:
+    """The model_type of a core CLIP_VISION ('clip_vision_model', 'siglip_vision_model', 'siglip2_vision_model',
+    'dinov2', ...).  Newer ComfyUI keeps it on the object; older ComfyUI only in what it built: a SigLIP returns
+    all hidden states, and any other encoder than CLIP / SigLIP has its own class (named instead)."""
+    import comfy.clip_model
+    kind = getattr(clip_vision, "model_type", None) or (getattr(clip_vision, "config", None) or {}).get("model_type")
+    if kind:
+        return kind
+    if getattr(clip_vision, "return_all_hidden_states", False):
+        return "siglip_vision_model"
+    model = getattr(clip_vision, "model", None)
+    return "clip_vision_model" if isinstance(model, comfy.clip_model.CLIPVisionModelProjection) else type(model).__name__
+
+
 class ComfyClipVision:
     """ComfyUI's own CLIP vision model (core CLIPVisionLoader, models/clip_vision) behind the same image-embedding
     interface as OpenClipModel.  Uses the model's projected image embedding (`encode_image(...).image_embeds`),
     preprocessed on the device, batched.  Not differentiable: ComfyUI's CLIP code adds residuals in place, which
-    autograd cannot go back through -- gradient-guided SMC needs the open_clip backbone (Load OpenCLIP)."""
+    autograd cannot go back through -- gradient-guided SMC needs the open_clip backbone (Load OpenCLIP).
+    Only CLIP models: core's loader also returns SigLIP, SigLIP 2 and DINO encoders, which this preprocessing and
+    the CLIP-trained heads do not fit."""
 
     differentiable = False
 
-    def __init__(self, clip_vision, source: str = "clip_vision"):
-        import comfy.clip_model
+    def __init__(self, clip_vision, source: str = "the CLIP vision model"):
         self.clip_vision = clip_vision
         self.model = clip_vision.model
-        if not isinstance(self.model, comfy.clip_model.CLIPVisionModelProjection) \
-                or not hasattr(self.model.visual_projection, "weight"):
-            raise ValueError(f"{source} is a {type(self.model).__name__} image encoder without a CLIP image "
-                             "projection; the CLIP rewards need a CLIP vision model (ViT-L/14 for the LAION "
-                             "aesthetic head) from models/clip_vision")
+        kind = clip_vision_kind(clip_vision)
+        if kind != "clip_vision_model":
+            why = (" (SigLIP models need their own preprocessing -- mean/std 0.5" +
+                   (", patch-count resizing" if kind == "siglip2_vision_model" else "") +
+                   " -- and their embeddings are not CLIP's)" if kind.startswith("siglip") else "")
+            raise ValueError(f"{source} is a {ENCODER_NAMES.get(kind, kind)} image encoder, not a CLIP one{why}; "
+                             "the CLIP rewards need a CLIP vision model (ViT-L/14 for the LAION aesthetic head) "
+                             "from models/clip_vision")
+        if not hasattr(self.model.visual_projection, "weight"):
+            raise ValueError(f"{source} is a CLIP image encoder without a CLIP image projection; the CLIP rewards "
+                             "need a CLIP vision model with one (ViT-L/14 for the LAION aesthetic head) from "
+                             "models/clip_vision")
         self.image_size = int(clip_vision.image_size)
         self.source = source
 
@@ -150,11 +176,18 @@ class ComfyClipVision:
 def load_open_clip(arch: str, weights_path: str, precision: str = "auto") -> OpenClipModel:
     """An open_clip architecture with weights from a local file (no downloads).  A JSON config beside the file
     (same name, .json) registers a custom architecture first."""
+    import json
     import os
 
     import open_clip
     config = os.path.splitext(weights_path)[0] + ".json"
     if os.path.exists(config):
+        try:  # read before open_clip registers it: it re-reads every registered file at each registration
+            with open(config, encoding="utf-8") as f:
+                json.load(f)
+        except ValueError as e:   # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{os.path.basename(config)} ({config}) is not a valid open_clip architecture JSON "
+                             f"file -- corrupt or truncated ({e})") from e
         open_clip.add_model_config(config)
         arch = os.path.splitext(os.path.basename(config))[0]
     if arch not in open_clip.list_models():
@@ -171,8 +204,23 @@ def load_open_clip(arch: str, weights_path: str, precision: str = "auto") -> Ope
 
 
 def _load_state_dict(path: str) -> dict:
+    """A weights file's state dict; a file that cannot be read as one is named in the error."""
+    import os
+    import re
+
     import comfy.utils
-    state = comfy.utils.load_torch_file(path, safe_load=True)
+    try:
+        state = comfy.utils.load_torch_file(path, safe_load=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' and torch's own errors ("header too large", unpickling, zip) name no file
+        kind = "safetensors" if path.lower().endswith((".safetensors", ".sft")) else "PyTorch (torch.save)"
+        first_sentence = re.split(r"(?<=\.)\s", (str(e).strip().splitlines() or [""])[0])[0]
+        raise ValueError(f"{os.path.basename(path)} ({path}) is not a valid {kind} file -- corrupt, truncated or "
+                         f"of another format ({type(e).__name__}: {first_sentence}); download or copy it again") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.path.basename(path)} ({path}) holds a {type(state).__name__}, not a state dict of "
+                         "weights")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

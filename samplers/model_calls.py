@@ -1,9 +1,10 @@
 """Batched, memory-chunked model calls over many candidates, with compute accounting.
 
 Candidates of a batch of B items are laid out candidate-major: x_all = [cand_1 of items 1..B, cand_2 of items
-1..B, ...], i.e. x.repeat(K, ...) order.  ComfyUI tiles a batch-B conditioning to any batch the same way, so
-every chunk that is a multiple of B keeps each item aligned with its own prompt.  ComfyUI never splits one
-cond's batch, so the chunking by free memory happens here.
+1..B, ...], i.e. x.repeat(K, ...) order.  ComfyUI tiles a conditioning of batch c over whatever batch it is
+given (position j gets cond[j % c]); with the conds first tiled to B (`align_conds_with_items`), every chunk that
+is a multiple of B gives each candidate the conditioning core KSampler gives its item, whatever c is.  ComfyUI
+never splits one cond's batch, so the chunking by free memory happens here.
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def base_model_of(model):
     return model.inner_model.inner_model
 
 
+def free_memory_for(model, device) -> int:
+    """Free memory for this model's calls, as ComfyUI's own cond batching counts it: the loaded patcher's
+    get_free_memory where it has one (it adds what dynamic VRAM can still give back, which the device's free
+    memory alone does not show), else the device's free memory."""
+    patcher = getattr(base_model_of(model), "current_patcher", None) or model.inner_model.model_patcher
+    if hasattr(patcher, "get_free_memory"):
+        return patcher.get_free_memory(device)
+    return comfy.model_management.get_free_memory(device)
+
+
 def items_per_call(model, x_item_shape, batch: int, max_items: int = 0) -> int:
     """How many items fit one model call: a multiple of `batch`, from free device memory (or `max_items`)."""
     if max_items > 0:
@@ -43,9 +54,34 @@ def items_per_call(model, x_item_shape, batch: int, max_items: int = 0) -> int:
     base = base_model_of(model)
     device = model.inner_model.model_patcher.load_device
     per_item = base.memory_required([1] + list(x_item_shape)) * 2  # cond and uncond run together under CFG
-    free = comfy.model_management.get_free_memory(device)
-    fit = int(free * 0.8 // max(per_item, 1))
+    fit = int(free_memory_for(model, device) * 0.8 // max(per_item, 1))
     return max(batch, (fit // batch) * batch)
+
+
+def _batch_sizes(cond) -> list[int]:
+    values = getattr(cond, "cond", None)
+    values = values if isinstance(values, (list, tuple)) else [values]
+    return [v.shape[0] for v in values if torch.is_tensor(v) and v.ndim > 0]
+
+
+def align_conds_with_items(guider, batch: int) -> None:
+    """Tile the guider's conds (a sampler function's model.inner_model.conds) to the latent batch B, as core does
+    for one batch-B call: item i gets cond[i % c].  Chunks of n*B candidates then give candidate j the cond of item
+    j % B even when c does not divide B (c = 2, B = 3), where tiling over n*B would not.  Idempotent; conds whose
+    batch already divides B are left as they are."""
+    conds = getattr(guider, "conds", None)
+    if not isinstance(conds, dict):
+        return
+    for cond_list in conds.values():
+        for index, cond in enumerate(cond_list or []):
+            model_conds = cond.get("model_conds") if isinstance(cond, dict) else None
+            if not model_conds:
+                continue
+            tiled = {name: value.process_cond(batch_size=batch, area=None)
+                     if any(batch % size for size in _batch_sizes(value)) else value
+                     for name, value in model_conds.items()}
+            if any(tiled[name] is not model_conds[name] for name in tiled):
+                cond_list[index] = {**cond, "model_conds": tiled}
 
 
 @contextmanager
@@ -74,6 +110,7 @@ def denoise(model, x, sigma, extra_args: dict, batch: int, chunk_items: int, cou
     """D(x, sigma) for x holding n*batch items (candidate-major), in chunks of chunk_items (a multiple of batch).
     sigma: a float or a tensor with one value per item."""
     n = x.shape[0]
+    align_conds_with_items(model.inner_model, batch)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
     if sigma.numel() == 1:
         sigma = sigma.expand(n)

@@ -47,6 +47,9 @@ def latent_rgb_decode(base_model, x0: torch.Tensor) -> torch.Tensor:
         raise SteeringInputError("this model's latent format has no RGB preview factors: use decoder 'vae'")
     factors = torch.tensor(fmt.latent_rgb_factors, dtype=x0.dtype, device=x0.device)
     bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=x0.dtype, device=x0.device)
+    reshape = getattr(fmt, "latent_rgb_factors_reshape", None)
+    if reshape is not None:  # e.g. Flux 2: 128 channels = 32 channels x 2x2 patches, unpacked before the factors
+        x0 = reshape(x0)
     if x0.ndim == 5:  # video latents: frames into the batch
         x0 = x0.movedim(2, 1).reshape(-1, x0.shape[1], *x0.shape[-2:])
     return ((x0.movedim(1, -1) @ factors + bias + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -14,6 +14,10 @@ This agrees with Demon's Euler-Maruyama step to first order, is stable for any s
 schedules have sigma_max in the thousands), equals ComfyUI's Euler step at beta = 0, and lands on D at
 sigma' = 0.  Flow models get the correct SDE for x = (1 - sigma) x0 + sigma eps through alpha; reusing the
 variance-exploding formula on them would change the sampled law.
+
+Some flow models are trained on noise of std s != 1 (model_sampling.noise_scale, e.g. HiDream-O1: 8): ComfyUI
+starts them from x = (1 - sigma) x0 + sigma s eps and scales the fresh noise of its stochastic samplers by s.
+The deterministic part of the step is unchanged; the fresh noise gets std sigma' f s (`noise_scale_of`).
 """
 from __future__ import annotations
 
@@ -22,11 +26,49 @@ from tqdm.auto import trange
 
 import comfy.model_sampling
 
+from .scoring import SteeringInputError
+
+
+def _model_sampling(model):
+    return model.inner_model.model_patcher.get_model_object("model_sampling")
+
+
+def _adds_noise(model_sampling) -> bool:
+    """Whether ComfyUI's noise_scaling of this model_sampling puts any of the noise into the starting latent (probed
+    on a single number, so it holds for any model type, including ones newer than this pack)."""
+    try:
+        probe = model_sampling.noise_scaling(torch.tensor([0.5]), torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+    except Exception:  # an exotic model_sampling the probe does not fit: assume the usual, noisy sampling
+        return True
+    return bool(torch.as_tensor(probe).abs().sum() > 0)
+
+
+def require_noisy_sampling(model) -> None:
+    """Refuse models whose sampling adds no noise (core IMG_TO_IMG_FLOW, IMG_TO_IMG_VELOCITY: the sampler starts
+    from the input image and the steps are deterministic), naming the model type."""
+    model_sampling = _model_sampling(model)
+    if _adds_noise(model_sampling):
+        return
+    sampling = next((k.__name__ for k in type(model_sampling).__mro__ if "noise_scaling" in vars(k)),
+                    type(model_sampling).__name__)
+    model_type = getattr(getattr(model.inner_model.inner_model, "model_type", None), "name", "unknown")
+    raise SteeringInputError(
+        f"this model (model type {model_type}, sampling {sampling}) is an image-to-image model whose sampling adds "
+        "no noise, so there are no noise candidates to steer: sample it with a plain sampler (KSampler), not Demon "
+        "or SMC")
+
 
 def uses_flow(model) -> bool:
-    """True for flow (CONST: SD3, Flux) models.  `model` is what ComfyUI passes to a sampler function."""
-    model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
-    return isinstance(model_sampling, comfy.model_sampling.CONST)
+    """True for flow (CONST: SD3, Flux) models.  `model` is what ComfyUI passes to a sampler function.  Every
+    steering sampler asks this first, so it also refuses models whose sampling adds no noise."""
+    require_noisy_sampling(model)
+    return isinstance(_model_sampling(model), comfy.model_sampling.CONST)
+
+
+def noise_scale_of(model) -> float:
+    """The std of the model's noise (model_sampling.noise_scale, v0.21.1+; 1 where the model does not set it), by
+    which ComfyUI's stochastic samplers scale their fresh noise."""
+    return float(getattr(_model_sampling(model), "noise_scale", 1.0))
 
 
 def _column(value, x):
@@ -56,26 +98,26 @@ def fresh_fraction_eta(sigma, sigma_next, eta: float, flow: bool, like):
     return eta * torch.sqrt((1.0 - ratio.clamp(0, 1) ** 2).clamp_min(0.0))
 
 
-def step_mean_std(x, denoised, sigma, sigma_next, fresh, flow: bool):
-    """Mean and std of the stochastic step: x' = mean + std * z (float64)."""
+def step_mean_std(x, denoised, sigma, sigma_next, fresh, flow: bool, noise_scale: float = 1.0):
+    """Mean and std of the stochastic step: x' = mean + std * z (float64).  noise_scale: `noise_scale_of(model)`."""
     sigma, sigma_next = _column(sigma, x), _column(sigma_next, x)
     alpha, alpha_next = _alphas(sigma, sigma_next, flow)
     keep = (sigma_next / sigma) * torch.sqrt((1.0 - fresh ** 2).clamp_min(0.0))
     mean = alpha_next * denoised.double() + keep * (x.double() - alpha * denoised.double())
-    return mean, sigma_next * fresh
+    return mean, sigma_next * fresh * noise_scale
 
 
-def stochastic_step(x, denoised, sigma, sigma_next, noise, fresh, flow: bool):
-    """x' = alpha' D + (sigma'/sigma) sqrt(1 - f^2) (x - alpha D) + sigma' f z: keeps the PF-ODE marginals for any
-    fresh-noise fraction f in [0, 1] (f = 0: Euler; sigma' = 0: lands on D)."""
-    mean, std = step_mean_std(x, denoised, sigma, sigma_next, fresh, flow)
+def stochastic_step(x, denoised, sigma, sigma_next, noise, fresh, flow: bool, noise_scale: float = 1.0):
+    """x' = alpha' D + (sigma'/sigma) sqrt(1 - f^2) (x - alpha D) + sigma' f s z: keeps the PF-ODE marginals for any
+    fresh-noise fraction f in [0, 1] (f = 0: Euler; sigma' = 0: lands on D); s = the model's noise scale."""
+    mean, std = step_mean_std(x, denoised, sigma, sigma_next, fresh, flow, noise_scale)
     return (mean + std * noise.double()).to(x.dtype)
 
 
-def sde_step(x, denoised, sigma, sigma_next, noise, beta: float, flow: bool):
+def sde_step(x, denoised, sigma, sigma_next, noise, beta: float, flow: bool, noise_scale: float = 1.0):
     """One step of Demon's reverse SDE from sigma to sigma_next (floats or per-item tensors)."""
     return stochastic_step(x, denoised, sigma, sigma_next, noise,
-                           fresh_fraction_beta(sigma, sigma_next, beta, flow, x), flow)
+                           fresh_fraction_beta(sigma, sigma_next, beta, flow, x), flow, noise_scale)
 
 
 def noise_generator(extra_args: dict, offset: int = 0) -> torch.Generator:
@@ -87,7 +129,7 @@ def noise_generator(extra_args: dict, offset: int = 0) -> torch.Generator:
 def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, beta: float = 0.1):
     """Plain SDE sampling with the shared step: the unsteered baseline of the steering samplers (Demon with K=1)."""
     extra_args = {} if extra_args is None else extra_args
-    flow = uses_flow(model)
+    flow, scale = uses_flow(model), noise_scale_of(model)
     generator = noise_generator(extra_args)
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -95,5 +137,5 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, b
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
-        x = sde_step(x, denoised, sigmas[i], sigmas[i + 1], noise, beta, flow)
+        x = sde_step(x, denoised, sigmas[i], sigmas[i + 1], noise, beta, flow, scale)
     return x

@@ -261,11 +261,62 @@ def test_clip_vision_of_the_wrong_kind_or_width_is_explained(model_dirs, tiny_cl
                                          r".* gives 32-d"):
         nodes.AestheticRewardNode.execute(tiny_clip_vision, "vit-l-head.pth")
 
-    class NotClip:   # e.g. a DINOv2 encoder, which core's CLIP vision loader also returns
+    class NotClip:   # an encoder of a kind this pack has never heard of: named by its class
         model = torch.nn.Linear(4, 4)
         image_size = 224
-    with pytest.raises(ValueError, match="Linear image encoder without a CLIP image projection"):
+    with pytest.raises(ValueError, match="is a Linear image encoder, not a CLIP one"):
         nodes.AestheticRewardNode.execute(NotClip(), "tiny-head.pth")
+
+
+TINY_SIGLIP = {"num_channels": 3, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32, "image_size": 32,
+               "intermediate_size": 64, "model_type": "siglip_vision_model", "num_attention_heads": 2,
+               "num_hidden_layers": 2, "patch_size": 8, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+TINY_DINOV2 = {"hidden_size": 32, "use_mask_token": True, "patch_size": 8, "image_size": 32, "num_channels": 3,
+               "num_attention_heads": 2, "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0,
+               "hidden_act": "gelu", "mlp_ratio": 4, "model_type": "dinov2", "num_hidden_layers": 2,
+               "layer_norm_eps": 1e-6, "qkv_bias": True, "use_swiglu_ffn": False, "layerscale_value": 1.0,
+               "drop_path_rate": 0.0, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+def core_clip_vision(tmp_path, config: dict):
+    """core's ClipVisionModel (what Load CLIP Vision returns) on a tiny config: the model core builds for it."""
+    import comfy.clip_vision
+    path = tmp_path / f"{config['model_type']}.json"
+    path.write_text(json.dumps(config))
+    return comfy.clip_vision.ClipVisionModel(str(path))
+
+
+def siglip2_clip_vision(tmp_path):
+    """A SigLIP 2 CLIP_VISION: core's own on a ComfyUI that has one (siglip2_vision_model in IMAGE_ENCODERS);
+    on an older one, a tiny CLIP-type model with a projection, marked the way newer core marks SigLIP 2."""
+    import comfy.clip_vision
+    if "siglip2_vision_model" in comfy.clip_vision.IMAGE_ENCODERS:
+        return core_clip_vision(tmp_path, {**TINY_SIGLIP, "model_type": "siglip2_vision_model", "image_size": -1,
+                                           "patch_size": 8, "num_patches": 16})
+    cv = core_clip_vision(tmp_path, {**TINY_SIGLIP, "projection_dim": 32})
+    cv.model_type = "siglip2_vision_model"
+    return cv
+
+
+@pytest.mark.parametrize("kind,named", [
+    ("siglip", "SigLIP image encoder, not a CLIP one (SigLIP models need their own preprocessing"),
+    ("siglip_projected", "SigLIP image encoder, not a CLIP one (SigLIP models need their own preprocessing"),
+    ("siglip2", "SigLIP 2 image encoder, not a CLIP one (SigLIP models need their own preprocessing"),
+    ("dinov2", "image encoder, not a CLIP one; the CLIP rewards need a CLIP vision model"),
+])
+def test_core_clip_vision_that_is_not_clip_is_refused_by_name(model_dirs, tmp_path, kind, named):
+    """core's Load CLIP Vision also returns SigLIP, SigLIP 2 and DINO encoders; the aesthetic reward takes only CLIP
+    (CLIP preprocessing, CLIP-trained heads) and names the kind it got.  A SigLIP with a projection used to pass."""
+    nodes = harness.pack_submodule("nodes.clip_rewards")
+    cv = {"siglip": lambda: core_clip_vision(tmp_path, TINY_SIGLIP),
+          "siglip_projected": lambda: core_clip_vision(tmp_path, {**TINY_SIGLIP, "projection_dim": 32}),
+          "siglip2": lambda: siglip2_clip_vision(tmp_path),
+          "dinov2": lambda: core_clip_vision(tmp_path, TINY_DINOV2)}[kind]()
+    with pytest.raises(ValueError) as error:
+        nodes.AestheticRewardNode.execute(cv, "tiny-head.pth")
+    assert named in str(error.value), str(error.value)
+    if kind == "dinov2":
+        assert "dinov2" in str(error.value).lower()
 
 
 def test_vit_l_clip_vision_file_through_core_loader_in_the_executor(executor, model_dirs, tmp_path_factory):
@@ -318,3 +369,62 @@ def test_half_precision_where_safe(model_dirs, monkeypatch):
     assert approx.dtype == torch.float32 and (reference - approx).abs().max() < 0.05
     reward = nodes.AestheticRewardNode.execute(half, "tiny-head.pth")[0]
     assert reward(images).dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def corrupt_dirs(tmp_path_factory, model_dirs):
+    """Broken files in registered models/open_clip and models/aesthetic folders: random bytes, and real files cut
+    short (as after an interrupted download)."""
+    import shutil
+
+    import folder_paths
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("corrupt_models")
+    clip_dir, head_dir = root / "open_clip", root / "aesthetic"
+    clip_dir.mkdir()
+    head_dir.mkdir()
+    garbage = b"\xff" * 8 + b"this is not a weights file" * 4
+    (clip_dir / "garbage-clip.safetensors").write_bytes(garbage)
+    whole = (model_dirs[0] / "tiny-test-clip.safetensors").read_bytes()
+    (clip_dir / "cut-clip.safetensors").write_bytes(whole[:len(whole) // 2])
+    shutil.copy(model_dirs[0] / "tiny-test-clip.safetensors", clip_dir / "bad-json-clip.safetensors")
+    (clip_dir / "bad-json-clip.json").write_text('{"embed_dim": 32, "vision_cfg": {')
+    (head_dir / "garbage-head.pth").write_bytes(garbage)
+    head = (model_dirs[1] / "tiny-head.pth").read_bytes()
+    (head_dir / "cut-head.pth").write_bytes(head[:len(head) // 2])
+    (head_dir / "garbage-head.safetensors").write_bytes(garbage)
+    save_file({"weight": torch.zeros(2, 2)}, str(head_dir / "not-a-head.safetensors"))
+    folder_paths.add_model_folder_path("open_clip", str(clip_dir))
+    folder_paths.add_model_folder_path("aesthetic", str(head_dir))
+    return clip_dir, head_dir
+
+
+@pytest.mark.parametrize("filename,expected", [
+    ("garbage-clip.safetensors", "is not a valid safetensors file"),
+    ("cut-clip.safetensors", "is not a valid safetensors file"),
+    ("bad-json-clip.json", "is not a valid open_clip architecture JSON file"),
+])
+def test_corrupt_open_clip_files_are_named(executor, corrupt_dirs, filename, expected):
+    weights = filename.replace(".json", ".safetensors")
+    prompt = {"1": {"class_type": "RewardSteerLoadOpenClip",
+                    "inputs": {"architecture": "ViT-B-32", "weights": weights, "precision": "fp32"}}}
+    with pytest.raises(RuntimeError) as error:
+        executor.run(prompt, want=("1",))
+    message = str(error.value)
+    assert f"{filename} ({corrupt_dirs[0] / filename}) {expected}" in message, message
+
+
+@pytest.mark.parametrize("filename,expected", [
+    ("garbage-head.pth", "is not a valid PyTorch (torch.save) file"),
+    ("cut-head.pth", "is not a valid PyTorch (torch.save) file"),
+    ("garbage-head.safetensors", "is not a valid safetensors file"),
+    ("not-a-head.safetensors", "is not an aesthetic predictor head"),
+])
+def test_corrupt_aesthetic_heads_are_named(executor, corrupt_dirs, filename, expected):
+    prompt = {"1": {"class_type": "RewardSteerLoadOpenClip",
+                    "inputs": {"architecture": "ViT-B-32", "weights": "tiny-test-clip.safetensors"}},
+              "2": {"class_type": "RewardSteerAestheticReward", "inputs": {"clip": ["1", 0], "head": filename}}}
+    with pytest.raises(RuntimeError) as error:
+        executor.run(prompt, want=("2",))
+    message = str(error.value)
+    assert f"{filename} ({corrupt_dirs[1] / filename}) {expected}" in message, message
