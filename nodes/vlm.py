@@ -11,8 +11,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..rewards.vlm import DEFAULT_RUBRIC, FAILURE_POLICIES, MODES, STRUCTURED, VLMConfig, VLMReward
-from ..rewards.vlm_client import KEY_FILE_NAME
+from ..rewards.vlm import (DEFAULT_RUBRIC, FAILURE_POLICIES, MODES, STRUCTURED, VLMConfig, VLMReward,
+                           api_key_env_problem)
+from ..rewards.vlm_client import KEY_FILE_NAME, plausible_env_name
 from .types import Reward
 
 CATEGORY = "reward_steering/rewards"
@@ -103,10 +104,12 @@ class VLMRewardNode(io.ComfyNode):
                              tooltip="retries on 429, 5xx, timeouts and connection errors (exponential backoff "
                                      "with jitter; Retry-After honoured)"),
                 io.Float.Input("timeout", default=60.0, min=0.1, max=3600.0, step=0.1,
-                               tooltip="seconds to wait for one answer"),
+                               tooltip="seconds one request may take, from sending it to the last byte of the "
+                                       "answer (a server sending slowly is cut off; the request is retried)"),
                 io.Float.Input("deadline", default=600.0, min=1.0, max=86400.0, step=1.0,
                                tooltip="seconds allowed for one reward call (all requests and retries of one "
-                                       "sampler step)"),
+                                       "sampler step); when it passes, requests in flight are cut off and the "
+                                       "failure policy applies"),
                 io.Combo.Input("structured_output", options=list(STRUCTURED), default="auto",
                                tooltip="auto: ask for a JSON schema (response_format), dropped if the endpoint "
                                        "rejects it; off: plain answers, parsed robustly"),
@@ -114,6 +117,13 @@ class VLMRewardNode(io.ComfyNode):
             ],
             outputs=[Reward.Output(display_name="reward")],
         )
+
+    @classmethod
+    def validate_inputs(cls, api_key_env=None):
+        """A key pasted into api_key_env is refused when the prompt is queued, so that it never runs, and never
+        reaches the queue, the history or the log (ComfyUI echoes only this message, never the value)."""
+        problem = api_key_env_problem(api_key_env) if isinstance(api_key_env, str) else None
+        return True if problem is None else problem
 
     @classmethod
     def execute(cls, base_url, model, api_key_env, mode, rubric, max_score, images_per_call, image_size, failure,
@@ -131,7 +141,7 @@ class VLMRewardNode(io.ComfyNode):
 
 def _key_note(api_key_env: str) -> str:
     """Where the key will come from (never the key)."""
-    if api_key_env and os.environ.get(api_key_env.strip()):
+    if api_key_env and plausible_env_name(api_key_env.strip()) and os.environ.get(api_key_env.strip()):
         return f"from environment variable {api_key_env.strip()}"
     if os.path.isfile(key_file_path()):
         return f"from {key_file_path()} if it has an entry for this endpoint"

@@ -15,12 +15,15 @@ Modes (every mode gives rewards in [0, 1]; candidates are compared only within t
   ranking             one labelled grid of the whole group per request; the model returns an order, and the reward
                       is linear in rank (best 1, worst 0).  One request per group.
 
-Reliability (the transport is rewards/vlm_client.py): requests go through a thread pool (`concurrency` at a time) and a sliding-window requests-per-minute
-limiter; 429, 5xx, timeouts, connection errors and unreadable bodies are retried with exponential backoff and
-jitter, waiting at least what Retry-After says; every reward call has an overall deadline.  An answer that cannot be
-parsed (or has the wrong number of scores) is asked again once, then counts as a failure.  A failure of any request
-fails its group, which then follows the failure policy: 'fail' raises a clear error (the ComfyUI prompt fails, the
-queue goes on), 'neutral' gives the group 0.5 with a logged warning, 'fallback' scores the group with another reward.
+Reliability (the transport is rewards/vlm_client.py): requests go through a thread pool (`concurrency` at a time)
+and a sliding-window requests-per-minute limiter; 429, 5xx, timeouts, connection errors and unreadable bodies are
+retried with exponential backoff and jitter, waiting at least what Retry-After says.  Each request is bounded in
+wall time (`timeout`, headers and body together, however slowly the server sends) and size (MAX_ANSWER_BYTES); a
+reward call returns by its `deadline` (plus DEADLINE_GRACE at most, and a fallback reward's own time) whatever the
+server does; redirects are failures, not followed.  An answer that cannot be parsed (or has the wrong number of
+scores) is asked again once, then counts as a failure.  A failure of any request fails its group, which then follows
+the failure policy: 'fail' raises a clear error (the ComfyUI prompt fails, the queue goes on), 'neutral' gives the
+group 0.5 with a logged warning, 'fallback' scores the group with another reward.
 
 Cache: answers are stored as small JSON files keyed by sha256 of endpoint, model, mode and the full request text
 (rubric, prompt, instructions) with each image replaced by the hash of its pixels; a re-queued workflow with the same
@@ -55,7 +58,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .base import NO_CONTEXT, Reward, RewardInputError, ScoringContext
 from .vlm_client import (CACHE_VERSION, Ask, Counters, VLMAnswerError, VLMClient, VLMError, normalise_base_url,
-                         resolve_api_key, response_format_schema)
+                         plausible_env_name, resolve_api_key, response_format_schema)
 
 LOG = logging.getLogger(__name__)
 LOG_PREFIX = "[reward-steering]"
@@ -64,6 +67,7 @@ MODES = ("rubric", "pairwise_top_half", "pairwise_knockout", "ranking")
 FAILURE_POLICIES = ("fail", "neutral", "fallback")
 STRUCTURED = ("auto", "off")
 NEUTRAL = 0.5
+DEADLINE_GRACE = 0.5  # s past the deadline before a reward call stops waiting for requests that did not end
 DEFAULT_RUBRIC = ("How well does the image match the prompt, and how good is it as a picture (composition, detail, "
                   "no artefacts)?")
 SYSTEM_PROMPT = ("You are a careful, consistent judge of images. Follow the instructions exactly and answer only "
@@ -104,13 +108,13 @@ class VLMConfig:
                                      ("structured_output", self.structured_output, STRUCTURED)):
             if value not in options:
                 raise RewardInputError(f"VLM reward: {name} must be one of {options}, got {value!r}")
-        name = (self.api_key_env or "").strip()
-        if name and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name) or name.lower().startswith("sk")
-                     and len(name) > 24 or name.startswith("AIza")):
-            raise RewardInputError("VLM reward: api_key_env takes the NAME of an environment variable (e.g. "
-                                   "OPENAI_API_KEY), and this looks like a key itself. Remove it from the node - a "
-                                   "saved workflow would carry it - and set the variable before starting ComfyUI, or "
-                                   "use the key file in the user directory")
+        problem = api_key_env_problem(self.api_key_env)
+        if problem:
+            raise RewardInputError(f"VLM reward: {problem}")
+        for name in ("max_score", "timeout", "deadline", "requests_per_minute", "backoff_base", "backoff_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RewardInputError(f"VLM reward: {name} must be a finite number, got {value!r}")
         if self.max_score <= 0:
             raise RewardInputError(f"VLM reward: max_score must be positive, got {self.max_score}")
         if self.images_per_call < 1 or self.concurrency < 1 or self.image_size < 16:
@@ -118,6 +122,18 @@ class VLMConfig:
                                    "least 16")
         if self.timeout <= 0 or self.deadline <= 0:
             raise RewardInputError("VLM reward: timeout and deadline must be positive (seconds)")
+
+
+def api_key_env_problem(value) -> str | None:
+    """Why `value` cannot go in api_key_env (None if it can), in words that never repeat it: anything that is not
+    a plausible environment-variable name is treated as a pasted key."""
+    name = (value or "").strip() if isinstance(value, str) else ""
+    if not name or plausible_env_name(name):
+        return None
+    return ("api_key_env takes the NAME of an environment variable (e.g. OPENAI_API_KEY: letters, digits and "
+            "underscores, at most 64), and the value given is not one - it may be a key, so it is not repeated "
+            "here. Remove it from the node (a saved workflow would carry it) and set the variable before starting "
+            "ComfyUI, or use the key file in the user directory")
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
@@ -565,7 +581,13 @@ class VLMReward(Reward):
             while futures:
                 if self.cancel_check is not None:
                     self.cancel_check()
-                done, _ = wait(list(futures), timeout=0.25, return_when=FIRST_COMPLETED)
+                if time.monotonic() > deadline + DEADLINE_GRACE:  # a request stuck where no watch reaches it
+                    late = VLMError(f"{self.client.what()}: the deadline of {self.config.deadline:g} s for this "
+                                    "reward call passed with requests still unanswered")
+                    for gid in gens:
+                        results.setdefault(gid, late)
+                    break
+                done, _ = wait(list(futures), timeout=0.1, return_when=FIRST_COMPLETED)
                 for fut in done:
                     gid, index = futures.pop(fut)
                     if gid in results:
@@ -586,6 +608,7 @@ class VLMReward(Reward):
                     break
         finally:
             stop.set()
+            self.client.abort(stop)   # requests still in flight end now (their threads are not waited for)
             for fut in futures:
                 fut.cancel()
             pool.shutdown(wait=False, cancel_futures=True)

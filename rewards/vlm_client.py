@@ -2,7 +2,13 @@
 the API key (environment variable or key file, never a widget) and a scrubber that keeps it out of every text;
 retries with exponential backoff and jitter that honour Retry-After; a requests-per-minute limiter; an overall
 deadline; a disk cache of answers; counters.  Thread-safe; synchronous (`requests`), as ComfyUI runs node code on
-a worker thread inside its asyncio loop."""
+a worker thread inside its asyncio loop.
+
+Every exchange is bounded in wall time and size, whatever the server does: `requests`' timeout applies to each
+socket read, so a server trickling its headers or body a byte at a time would never time out; here a watchdog
+shuts the connection's socket at min(timeout, what is left of the deadline), and an answer that arrives after
+that is dropped.  Bodies above MAX_ANSWER_BYTES are not read, and redirects are not followed (a 302 turns the POST
+into a GET without the images)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +16,7 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from .base import RewardInputError
 
@@ -29,6 +37,7 @@ LOG = logging.getLogger(__name__)
 LOG_PREFIX = "[reward-steering]"
 KEY_FILE_NAME = os.path.join("reward_steering", "vlm_keys.json")
 CACHE_VERSION = 1
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a judge's chat completion is a few kB; a bigger body is refused unread
 
 class VLMError(RuntimeError):
     """The endpoint could not give a usable answer; the message names the host, the model and the problem."""
@@ -59,10 +68,37 @@ def endpoint_host(base_url: str) -> str:
     return urlsplit(base_url).netloc
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# prefixes of keys that can pass for a name (letters, digits, underscores): Groq, Hugging Face, GitHub, GitLab,
+# Replicate, Stripe-style, Google, AWS access key ids
+_KEY_PREFIXES = ("gsk_", "hf_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat", "r8_", "sk_",
+                 "AIza", "AKIA", "ASIA")
+
+
+def plausible_env_name(name: str) -> bool:
+    """Could `name` be the NAME of an environment variable, rather than a key pasted where the name goes?  Names
+    are short words joined by underscores; keys are long random runs.  Anything else is treated as a secret."""
+    if not _ENV_NAME.fullmatch(name):
+        return False
+    for prefix in _KEY_PREFIXES:
+        rest = name[len(prefix):]
+        if name.startswith(prefix) and len(rest) >= 16 and rest.isalnum():
+            return False
+    for part in name.split("_"):
+        if len(part) >= 24:         # no word in a name is this long; a token (or hex digest) is
+            return False
+        if len(part) >= 16 and any(c.isdigit() for c in part) and any(c.isalpha() for c in part):
+            return False            # a long run mixing letters and digits: a token, not a word
+    return True
+
+
 def resolve_api_key(env_var: str, base_url: str, key_file: str | None) -> tuple[str | None, str]:
     """(key or None, where it came from, for messages).  The environment variable named `env_var` wins; else
-    `key_file`, a JSON object mapping a base URL, host[:port], host or "*" to a key."""
+    `key_file`, a JSON object mapping a base URL, host[:port], host or "*" to a key.  A value of `env_var` that
+    is not a plausible name is never looked up or echoed (it may be a pasted key)."""
     env_var = (env_var or "").strip()
+    if env_var and not plausible_env_name(env_var):
+        env_var = ""
     if env_var:
         value = os.environ.get(env_var, "").strip()
         if value:
@@ -201,6 +237,159 @@ def response_format_schema(name: str, properties: dict) -> dict:
                                        "additionalProperties": False}}}
 
 
+# ---- one bounded HTTP exchange -----------------------------------------------------------------------------------
+
+_current = threading.local()   # .watch: the _Watch of the exchange this thread is making
+
+
+def _shutdown(sock) -> None:
+    """Wake a thread blocked reading from this socket: it sees the connection end."""
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's method: the same under TLS
+    except (OSError, TypeError, ValueError):
+        pass
+
+
+class _Watch:
+    """The wall-clock limit of one exchange, headers and body together: at `at` (time.monotonic), or on expire(),
+    the socket of the connection in use is shut down.  The pools below tell it which socket that is (kept here:
+    http.client lets go of it while a body that ends with the connection is read)."""
+
+    def __init__(self, at: float, stop: threading.Event):
+        self.stop = stop
+        self.lock = threading.Lock()
+        self.conn = None
+        self.sock = None
+        self.expired = False
+        self.timer = threading.Timer(max(0.0, at - time.monotonic()), self.expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def attach(self, conn) -> None:
+        """`conn` carries this exchange (called when it is taken from the pool and when it connects)."""
+        with self.lock:
+            self.conn = conn
+            self.sock = getattr(conn, "sock", None)
+            sock = self.sock if self.expired else None
+        _shutdown(sock)
+
+    def release(self, conn) -> bool:
+        """`conn` goes back to the pool (another exchange may take it): stop watching it.  True if it was shut."""
+        with self.lock:
+            if self.conn is conn:
+                self.conn = self.sock = None
+            return self.expired
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            sock = self.sock
+        _shutdown(sock)
+
+    def finish(self) -> bool:
+        """Stop watching; True when the limit passed first (what was read is then not used)."""
+        self.timer.cancel()
+        with self.lock:
+            self.conn = self.sock = None
+            return self.expired
+
+
+class _WatchedConnection:
+    def connect(self):
+        super().connect()
+        watch = getattr(_current, "watch", None)
+        if watch is not None:
+            watch.attach(self)   # the socket exists now (shut at once if the limit passed while connecting)
+
+
+class _WatchedPool:
+    def _get_conn(self, timeout=None):
+        conn = super()._get_conn(timeout)
+        watch = getattr(_current, "watch", None)
+        if watch is not None:
+            watch.attach(conn)
+        return conn
+
+    def _put_conn(self, conn):
+        watch = getattr(_current, "watch", None)
+        if watch is not None and conn is not None and watch.release(conn):
+            conn.close()   # shut by the watch: never reused
+        super()._put_conn(conn)
+
+
+class _WatchedHTTPConnection(_WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(_WatchedPool, urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with connection pools whose connections a _Watch can end."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is urllib3.ProxyManager:   # (a SOCKS manager keeps its own pools)
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
+class _TimedOut(Exception):
+    """The exchange's wall-clock limit passed (or its reward call stopped) before the whole answer was in."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int | None):
+        super().__init__(size)
+        self.size = size
+
+
+@dataclass
+class Reply:
+    """A whole HTTP answer, read within its limits."""
+    status: int
+    reason: str
+    headers: dict      # (requests' case-insensitive one)
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def _read_capped(response, cap: int) -> bytes:
+    length = (response.headers.get("Content-Length") or "").strip()
+    if length.isdigit() and int(length) > cap:
+        raise _TooLarge(int(length))
+    data = bytearray()
+    for chunk in response.iter_content(chunk_size=16 * 1024):   # (small: a compressed chunk may inflate)
+        data += chunk
+        if len(data) > cap:
+            raise _TooLarge(None)
+    return bytes(data)
+
+
 class VLMClient:
     """POSTs chat completions with retries, rate limits and a cache; thread-safe."""
 
@@ -212,7 +401,7 @@ class VLMClient:
         self.url = config.base_url + "/chat/completions"
         self.limiter = RateLimiter(config.requests_per_minute)
         self.session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(4, config.concurrency))
+        adapter = _WatchedAdapter(pool_connections=1, pool_maxsize=max(4, config.concurrency))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.sleep = sleep or (lambda seconds, stop: stop.wait(seconds))
@@ -223,6 +412,8 @@ class VLMClient:
         self.key: str | None = None
         self.key_source = "no key"
         self.scrub = Scrubber(None)
+        self._watches: set[_Watch] = set()
+        self._watches_lock = threading.Lock()
 
     def set_key(self, key: str | None, source: str) -> None:
         self.key, self.key_source, self.scrub = key, source, Scrubber(key)
@@ -297,10 +488,11 @@ class VLMClient:
 
     def post(self, ask: Ask, deadline: float, stop: threading.Event) -> str:
         cfg = self.config
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}  # (no decompression bombs)
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
         attempt = 0
+        problem = None
         while True:
             if stop.is_set():
                 raise VLMError(f"{self.what()}: the reward call was stopped")
@@ -312,21 +504,32 @@ class VLMClient:
                 self.sleep(delay, stop)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise VLMError(f"{self.what()}: the deadline of {cfg.deadline:g} s for this reward call passed")
-            timeout = min(cfg.timeout, remaining)
+                raise VLMError(f"{self.what()}: the deadline of {cfg.deadline:g} s for this reward call passed"
+                               + (f" (last attempt: {problem})" if problem else ""))
+            limit = min(cfg.timeout, remaining)
             body = self._body(ask)
             retry_after = None
+            self.counters.add(calls=1)
             try:
-                self.counters.add(calls=1)
-                response = self.session.post(self.url, json=body, headers=headers, timeout=(min(10.0, timeout), timeout))
-            except requests.Timeout:
-                problem = f"no answer within {timeout:.3g} s (timeout)"
-            except requests.ConnectionError as e:
-                problem = f"cannot connect ({type(e).__name__})"
+                response = self._exchange(body, headers, limit, stop)
+            except _TimedOut:
+                if stop.is_set():
+                    raise VLMError(f"{self.what()}: the reward call was stopped") from None
+                problem = (f"no complete answer within {limit:.3g} s (timeout {cfg.timeout:g} s per request, "
+                           f"deadline {cfg.deadline:g} s per reward call)")
+            except _TooLarge as e:
+                size = f" (Content-Length {e.size})" if e.size else ""
+                raise VLMError(f"{self.what()}: the answer from {self.url}{size} is larger than the "
+                               f"{MAX_ANSWER_BYTES / 2 ** 20:g} MiB cap on VLM answers (MAX_ANSWER_BYTES) and was "
+                               "not read; a chat completion is a few kB - check that the base URL points at a "
+                               "chat-completions endpoint") from None
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, OSError) as e:
+                problem = f"cannot connect, or the connection broke ({type(e).__name__})"
             except requests.RequestException as e:
                 raise VLMError(f"{self.what()}: request failed ({type(e).__name__})") from None
             else:
-                status = response.status_code
+                status = response.status
                 if status == 200:
                     try:
                         data = response.json()
@@ -342,6 +545,13 @@ class VLMClient:
                             self.counters.add(prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                               completion_tokens=int(usage.get("completion_tokens") or 0))
                         return _message_text(message)
+                elif 300 <= status < 400:
+                    location = " ".join(str(response.headers.get("Location") or "").split())[:200]
+                    raise VLMError(f"{self.what()}: HTTP {status} redirect"
+                                   + (f" to {self.scrub(location)!r}" if location else "")
+                                   + f" from {self.url}; redirects are not followed (a redirected POST can come "
+                                   "back as a GET without the images, and its answer is no score): set base_url "
+                                   "to the address the endpoint redirects to")
                 elif status == 429 or status >= 500 or status == 408:
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                     problem = f"HTTP {status}{_reason(response, self.scrub)}"
@@ -363,6 +573,41 @@ class VLMClient:
             LOG.debug("%s VLM %s: %s; retry %d in %.2f s", LOG_PREFIX, self.host, problem, attempt + 1, wait_s)
             self.sleep(wait_s, stop)
             attempt += 1
+
+    def _exchange(self, body: dict, headers: dict, limit: float, stop: threading.Event) -> Reply:
+        """One POST and its whole answer within `limit` seconds of wall time (raises _TimedOut) and
+        MAX_ANSWER_BYTES (raises _TooLarge); redirects are answers, not followed."""
+        watch = _Watch(time.monotonic() + limit, stop)
+        with self._watches_lock:
+            self._watches.add(watch)
+        _current.watch = watch
+        try:
+            try:
+                response = self.session.post(self.url, json=body, headers=headers, stream=True,
+                                             allow_redirects=False, timeout=(min(10.0, limit), limit))
+                try:
+                    data = _read_capped(response, MAX_ANSWER_BYTES)
+                finally:
+                    response.close()
+            finally:
+                expired = watch.finish()
+                _current.watch = None
+                with self._watches_lock:
+                    self._watches.discard(watch)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            if expired or isinstance(e, requests.Timeout):
+                raise _TimedOut() from None
+            raise
+        if expired:   # the whole answer came in only as (or after) the limit passed: too late to use
+            raise _TimedOut()
+        return Reply(response.status_code, response.reason or "", response.headers, data)
+
+    def abort(self, stop: threading.Event) -> None:
+        """End the exchanges in flight for the reward call that `stop` belongs to (it stopped or gave up)."""
+        with self._watches_lock:
+            watches = [w for w in self._watches if w.stop is stop]
+        for watch in watches:
+            watch.expire()
 
     def _adapt(self, body: dict, response, status: int) -> bool:
         """After a 400/422: drop or rename the optional parameter the endpoint objects to (each at most once, and

@@ -736,7 +736,7 @@ def test_second_run_of_the_workflow_makes_zero_requests_and_the_same_image(execu
     assert n in (4 * 2, 5 * 2)  # one ranking grid per item per steered step (the last step may go unsteered)
     second = executor.run(prompt, want=("4",))["4"][0][0]["samples"]  # fresh: every node runs again
     assert len(scripted.requests) == n
-    assert torch.equal(first, second)
+    assert_same_latent(first, second)
     # the counters are shown on the VLM node: progress text for node "3", sent while the sampler (node "4") runs
     shown = []
     for event, data in executor.messages:
@@ -745,9 +745,22 @@ def test_second_run_of_the_workflow_makes_zero_requests_and_the_same_image(execu
             shown.append((data[4:4 + length].decode(), data[4 + length:].decode(errors="replace")))
     texts = [text for node, text in shown if node == "3" and "requests" in text]
     assert texts and "0 requests, 2 cached" in texts[-1] and f"{n} cache hits" in texts[-1], texts[-1:]
-    reward = executor.executor.caches.outputs.get("3")
+    outputs_cache = executor.executor.caches.outputs
+    reward = (getattr(outputs_cache, "get_local", None) or outputs_cache.get)("3")  # `get` is async since v0.17
     reward = (reward.outputs if hasattr(reward, "outputs") else reward)[0][0]
     assert reward.counters.cache_hits == n and reward.counters.calls == 0
+
+
+# Latents of two runs that score the same candidates the same way agree to this tolerance, not bit for bit:
+# ComfyUI batches VAE decodes and this pack batches model calls by free memory, and the fallback reward scores
+# each failed group as its own sub-batch, so float reductions may run over different batch shapes.  The VLM runs
+# use tau = 1e-4, whose steep tanh weights pass a last-bit change of a reward on to the latents (measured on this
+# workflow: reward noise of 1e-8 moves them by up to 3e-6, of 1e-7 by 2e-5); another reward moves them by > 1.
+LATENT_ATOL = 1e-4
+
+
+def assert_same_latent(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0.0, atol=LATENT_ATOL)
 
 
 def test_fail_policy_fails_the_prompt_and_the_queue_goes_on(executor, scripted, node_dirs):
@@ -781,9 +794,9 @@ def test_neutral_and_fallback_policies_in_a_workflow(executor, scripted, node_di
     constant["4"]["inputs"]["reward"] = ["8", 0]
     direct = copy.deepcopy(prompt)
     direct["4"]["inputs"]["reward"] = ["6", 0]
-    assert torch.equal(neutral, latent(constant))
-    assert torch.equal(fallback, latent(direct))
-    assert not torch.equal(neutral, fallback)
+    assert_same_latent(neutral, latent(constant))
+    assert_same_latent(fallback, latent(direct))
+    assert (neutral - fallback).abs().max() > 0.1    # steering by the colour reward moves the latents by > 1
     prompt["3"]["inputs"]["failure"] = "fallback"  # nothing connected to 'fallback'
     with pytest.raises(RuntimeError, match="needs a reward connected to 'fallback'"):
         executor.run(prompt, want=("4",))
