@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 import uuid
@@ -251,8 +252,13 @@ class ManualPickReward(Reward):
                              "(e.g. a Colour Reward) or choose 'uniform' or 'abort'")
         if ask_every < 1:
             raise ValueError(f"ask_every must be at least 1, got {ask_every}")
+        for what, value in (("timeout", timeout), ("grace", grace)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"manual pick: {what} must be a finite number of seconds, got {value!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if grace < 0:
+            raise ValueError(f"manual pick: grace must be >= 0 seconds, got {grace}")
         self.broker = broker
         self.question = question
         self.mode = mode

@@ -109,7 +109,12 @@ class ComfyServer:
             raise RuntimeError(f"POST {path} -> HTTP {e.code}: {body}") from None
 
     def queue(self, api_prompt: dict, client_id: str | None = None) -> str:
-        reply = self.post("/prompt", {"prompt": api_prompt, "client_id": client_id or uuid.uuid4().hex})
+        # no client id unless given: a made-up one names a page that never connects, and nodes that talk to the
+        # page (manual pick) would wait for it; without one ComfyUI runs the prompt unattended (events broadcast)
+        payload = {"prompt": api_prompt}
+        if client_id is not None:
+            payload["client_id"] = client_id
+        reply = self.post("/prompt", payload)
         return reply["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:

@@ -442,3 +442,41 @@ def test_unattended_api_run_completes_with_the_fallback(server):
     assert time.monotonic() - t < 60
     text = entry["outputs"]["7"]["scores"]
     assert len(text) == 2
+
+
+def test_api_queued_runs_without_a_client_id_do_not_wait_for_a_page(server, capsys):
+    """scripts/comfy_client.py queues without a client id unless given one, so no page is expected: the policy
+    applies at once instead of after the 15 s reconnect grace (a made-up client id used to cost that grace).
+    Bound: 10 s for the whole run, which takes about 1 s here; the grace alone is 15 s."""
+    node = harness.pack_submodule("nodes.manual_pick")
+    assert node.RECONNECT_GRACE == 15.0
+    graph = build_workflows.example_reference_manual_pick()
+    graph["3"]["inputs"]["on_timeout"] = "uniform"
+    t = time.monotonic()
+    entry = server.run(graph, timeout=120)
+    seconds = time.monotonic() - t
+    assert len(entry["outputs"]["7"]["scores"]) == 2 and seconds < 10, seconds
+    assert "client_id" not in entry["prompt"][3]          # extra_data: queued without one
+    graph["3"]["inputs"]["on_timeout"] = "abort"
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="abort"):
+        server.run(graph, timeout=120)
+    aborted = time.monotonic() - t
+    with capsys.disabled():
+        print(f"\nAPI-queued manual pick: uniform run {seconds:.1f} s, abort {aborted:.1f} s (grace 15 s)")
+    assert aborted < 10
+
+
+@pytest.mark.parametrize("name", ["timeout", "grace"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_times_are_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        mp.ManualPickReward(mp.PickBroker(), **{name: value})
+
+
+def test_a_nan_timeout_on_the_node_is_refused_by_name(executor):
+    """The node's timeout is an INT: ComfyUI itself refuses a NaN there, naming the input."""
+    graph = build_workflows.example_reference_manual_pick()
+    graph["3"]["inputs"]["timeout"] = float("nan")
+    valid, _, _, node_errors = executor.validate(graph)
+    assert not valid and node_errors["3"]["errors"][0]["extra_info"]["input_name"] == "timeout"
