@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
