@@ -117,7 +117,8 @@ def clip_vision_kind(clip_vision) -> str:
     if getattr(clip_vision, "return_all_hidden_states", False):
         return "siglip_vision_model"
     model = getattr(clip_vision, "model", None)
-    return "clip_vision_model" if isinstance(model, comfy.clip_model.CLIPVisionModelProjection) else type(model).__name__
+    is_clip = isinstance(model, comfy.clip_model.CLIPVisionModelProjection)
+    return "clip_vision_model" if is_clip else type(model).__name__
 
 
 class ComfyClipVision:

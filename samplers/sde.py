@@ -52,10 +52,11 @@ def require_noisy_sampling(model) -> None:
     sampling = next((k.__name__ for k in type(model_sampling).__mro__ if "noise_scaling" in vars(k)),
                     type(model_sampling).__name__)
     model_type = getattr(getattr(model.inner_model.inner_model, "model_type", None), "name", "unknown")
+    what = ("its noise_scale is 0, so its sampling adds no noise" if noise_scale_of(model) == 0 else
+            "is an image-to-image model whose sampling adds no noise")
     raise SteeringInputError(
-        f"this model (model type {model_type}, sampling {sampling}) is an image-to-image model whose sampling adds "
-        "no noise, so there are no noise candidates to steer: sample it with a plain sampler (KSampler), not Demon "
-        "or SMC")
+        f"this model (model type {model_type}, sampling {sampling}) {what}, so there are no noise candidates to "
+        "steer: sample it with a plain sampler (KSampler), not Demon or SMC")
 
 
 def uses_flow(model) -> bool:
