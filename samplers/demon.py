@@ -1,9 +1,9 @@
 """Sampling Demons (Yeh, Lee, Chen, ICLR 2025): at each steered step try K noises, score each candidate's
 clean-image estimate with a reward, and step with the reward-weighted noise, rescaled to the sqrt(N) sphere.
 
-Steps outside the steering window are deterministic PF-ODE (Euler) steps, so K = 1 or beta = 0 with no window
-is ComfyUI's own Euler sampler.  Batch items are steered independently; the K*B candidates go through the
-model in memory-sized chunks that keep every item aligned with its conditioning.
+Steps outside the steering window are deterministic PF-ODE (Euler) steps, and with K = 1 or beta = 0 (steering
+off) every step is: then this is ComfyUI's own Euler sampler.  Batch items are steered independently; the K*B
+candidates go through the model in memory-sized chunks that keep every item aligned with its conditioning.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 from tqdm.auto import trange
 
-from .estimators import ESTIMATORS, estimate_x0, rollout_cost
+from .estimators import ESTIMATORS, estimate_x0, rollout_cost, schedule_span
 from .model_calls import ComputeCounter, denoise, items_per_call
 from .scoring import SteeringInputError, finite_or_flat, require_choice
 from .sde import noise_generator, sde_step, uses_flow
@@ -55,6 +55,10 @@ def steering_steps(sigmas: torch.Tensor, min_sigma: float = 0.0, start: float = 
     steps = len(sigmas) - 1
     if not 0.0 <= start < end <= 1.0:
         raise SteeringInputError(f"steering window start ({start}) must be < end ({end}), both within 0..1")
+    if not any(float(s) > 0 for s in sigmas[1:]):
+        what = "the only step lands" if steps == 1 else f"all {steps} steps land"
+        raise SteeringInputError(f"{what} on sigma = 0, which cannot be steered (a step to sigma = 0 adds no noise, so "
+                                 "there are no candidates to choose from): use at least 2 steps")
     chosen = [float(sigmas[i]) >= min_sigma and start * steps <= i < math.ceil(end * steps) and float(sigmas[i + 1]) > 0
               for i in range(steps)]
     if not any(chosen):
@@ -65,13 +69,21 @@ def steering_steps(sigmas: torch.Tensor, min_sigma: float = 0.0, start: float = 
 
 
 def plan_budget(sigmas, steer: list[bool], k: int, estimator: str, max_rollout_steps: int, budget: float,
-                sigma_min: float, sigma_max: float) -> tuple[int, list[bool], float]:
-    """Fit K and the window into `budget` model calls per image: lower K first, then drop the lowest-sigma steered
-    steps.  Returns (K, steer, planned calls per image)."""
+                sigma_min: float) -> tuple[int, list[bool], float]:
+    """Fit K and the window into `budget` model calls per image (0 = no limit): lower K first, then drop the
+    lowest-sigma steered steps.  Returns (K, steer, planned calls per image).  Every step costs one call, so a
+    budget below the number of steps is refused."""
     steps = len(sigmas) - 1
+    if not math.isfinite(budget):
+        raise SteeringInputError(f"budget must be a finite number of model calls per image (0 = no limit), got {budget}")
+    if 0 < budget < steps:
+        raise SteeringInputError(
+            f"budget ({budget:g} model calls per image) is below the minimum for {steps} steps: every step needs one "
+            f"model call, so set budget to at least {steps} (or 0 for no limit), or use fewer steps")
+    span = schedule_span(sigmas)
 
     def cost(kk, mask):
-        per_candidate = [1 if estimator == "tweedie" else rollout_cost(float(sigmas[i + 1]), sigma_min, sigma_max,
+        per_candidate = [1 if estimator == "tweedie" else rollout_cost(float(sigmas[i + 1]), sigma_min, span,
                                                                        max_rollout_steps)
                          for i in range(steps) if mask[i]]
         return steps + kk * sum(per_candidate)
@@ -103,10 +115,13 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
     extra_args = {} if extra_args is None else extra_args
     batch = x.shape[0]
     flow = uses_flow(model)
-    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
-    sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    steer = steering_steps(sigmas, min_sigma, start, end)
-    k, steer, planned = plan_budget(sigmas, steer, k, estimator, max_rollout_steps, budget, sigma_min, sigma_max)
+    sigma_min = float(model.inner_model.model_patcher.get_model_object("model_sampling").sigma_min)
+    if k > 1 and beta > 0:
+        steer = steering_steps(sigmas, min_sigma, start, end)
+    else:   # steering off (one candidate, or no noise to choose): every step is a plain Euler step
+        steer = [False] * (len(sigmas) - 1)
+    k, steer, planned = plan_budget(sigmas, steer, k, estimator, max_rollout_steps, budget, sigma_min)
+    span = schedule_span(sigmas)
     counter = ComputeCounter(batch=batch)
     chunk = items_per_call(model, x.shape[1:], batch, chunk_items)
     generator = noise_generator(extra_args)
@@ -115,13 +130,12 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(model, x, sigmas[i] * s_in, extra_args, batch, chunk, counter)
-        steered = steer[i] and k > 1 and beta > 0
-        if steered:
+        if steer[i]:
             noises = torch.randn((k, *x.shape), generator=generator, dtype=torch.float32).to(x)
             candidates = sde_step(x.repeat(k, *([1] * (x.ndim - 1))), denoised.repeat(k, *([1] * (x.ndim - 1))),
                                   sigma, sigma_next, noises.reshape(k * batch, *x.shape[1:]), beta, flow)
             x0 = estimate_x0(model, candidates, sigma_next, extra_args, batch, chunk, counter, estimator=estimator,
-                             flow=flow, sigma_min=sigma_min, sigma_max=sigma_max, max_steps=max_rollout_steps)
+                             flow=flow, sigma_min=sigma_min, span=span, max_steps=max_rollout_steps)
             rewards = score_fn(model, x0, batch, counter, step=(i, len(sigmas) - 1)).reshape(k, batch)
             clean, ok = finite_or_flat(rewards, "the reward")
             weights = demon_weights(clean, weighting, tau)
@@ -131,6 +145,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
                      "reward_mean": clean.mean(0).tolist(), "reward_std": clean.std(0, unbiased=False).tolist(),
                      "reward_max": clean.max(0).values.tolist()}
         else:
+            # not used (the step is deterministic), but drawn so that later steps' noises do not depend on the window
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
             stats = {"step": i, "sigma": sigma, "steered": False}
         x = sde_step(x, denoised, sigma, sigma_next, noise, beta if steer[i] else 0.0, flow)

@@ -4,6 +4,16 @@ reweight the population and it is resampled when the effective sample size drops
 a correction so that the product of potentials along a lineage is exp(lam * r(x0)): the weighted population
 targets p(x0) exp(lam r(x0)) whatever the potential, tempering or proposal.
 
+The potentials at a scored step t, over the rewards r_s the lineage of a particle was scored with so far (FK
+steering's definitions; the sampler runs from high noise to low, so "so far" is s >= t in the paper's time):
+    difference  exp(lam (r_t - r_prev))     max  exp(lam max_{s>=t} r_s)
+    immediate   exp(lam r_t)                sum  exp(lam sum_{s>=t} r_s)
+The running max and sum belong to the lineage and move with it through resampling.
+
+Each batch item resamples, and draws its output particle, with its own generator (samplers/resampling.py), so a
+batch item's result depends only on its seed and its own inputs.  The base step's noise comes from one generator
+for the whole population, drawn in the same amount at every step whatever the items do.
+
 Gradient-guided proposals (DAS) shift the step's mean by std^2 * lam_t * grad_x r(D(x)) (times alpha/alpha'
 for flow models, whose states are scaled by alpha = 1 - sigma) and carry the base/proposal density ratio in the
 weights, so the target is unchanged.
@@ -18,7 +28,8 @@ import torch
 from tqdm.auto import trange
 
 from .model_calls import ComputeCounter, allow_gradients_through, base_model_of, denoise, items_per_call
-from .resampling import RESAMPLERS, effective_sample_size, normalise_log_weights, resample_indices
+from .resampling import (RESAMPLERS, effective_sample_size, item_generators, normalise_log_weights,
+                         resample_indices, weighted_draw)
 from .scoring import SteeringInputError, finite_or_flat, require_choice
 from .sde import fresh_fraction_eta, noise_generator, step_mean_std, uses_flow
 
@@ -60,34 +71,45 @@ def lambda_schedule(lam: float, steps: int, tempering: str = "none", gamma: floa
 
 
 class Population:
-    """Per-particle state carried through resampling: log weights since the last resampling, the sum of the
-    potentials applied along each lineage, and the reward summaries the potentials need.  All [B, N]."""
+    """Per-particle state carried through resampling, all [B, N]: log weights since the last resampling, the sum of
+    the log potentials applied along each lineage, and the lineage's reward summaries: prev_term (difference:
+    lam_t r at its previous scoring), running_max / running_sum (max / sum of every reward it was scored with) and
+    last_reward (its latest reward; output 'best')."""
+    LINEAGE = ("applied", "prev_term", "running_max", "running_sum", "last_reward")
 
     def __init__(self, batch: int, particles: int, device):
         z = torch.zeros(batch, particles, dtype=torch.float64, device=device)
-        self.log_w, self.applied, self.prev_term = z.clone(), z.clone(), z.clone()
-        self.last_reward = z.clone()   # r_prev: the lineage's reward at its previous scoring (0 before the first)
+        self.log_w, self.applied, self.prev_term, self.running_sum, self.last_reward = (z.clone() for _ in range(5))
+        self.running_max = torch.full_like(z, -float("inf"))   # no reward yet
 
-    def log_potential(self, kind: str, lam_t: float, r: torch.Tensor, final: bool, lam: float) -> torch.Tensor:
-        """log G for rewards r [B, N] at a scored step (FK steering's potentials; r_prev = last_reward)."""
+    def log_potential(self, kind: str, lam_t: float, r: torch.Tensor, final: bool, lam: float,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+        """log G for rewards r [B, N] at a scored step, and the lineage summaries updated with r.  Items where
+        valid [B] is False (their reward failed) get log G = 0 and keep their summaries."""
+        valid = torch.ones(r.shape[0], dtype=torch.bool) if valid is None else valid
+        keep = valid.to(r.device)[:, None]
+        running_max = torch.where(keep, torch.maximum(self.running_max, r), self.running_max)
+        running_sum = torch.where(keep, self.running_sum + r, self.running_sum)
         if final:  # whatever came before, the lineage's product of potentials becomes exp(lam * r(x0))
             g = lam * r - self.applied
         elif kind == "difference":
             g = lam_t * r - self.prev_term
-            self.prev_term = lam_t * r
+            self.prev_term = torch.where(keep, lam_t * r, self.prev_term)
         elif kind == "max":
-            g = lam_t * torch.maximum(r, self.last_reward)
+            g = lam_t * running_max
         elif kind == "sum":
-            g = lam_t * (r + self.last_reward)
+            g = lam_t * running_sum
         elif kind == "immediate":
             g = lam_t * r
         else:
             raise SteeringInputError(f"potential must be one of {POTENTIALS}, got {kind!r}")
-        self.last_reward = r
-        return g
+        self.running_max, self.running_sum = running_max, running_sum
+        self.last_reward = torch.where(keep, r, self.last_reward)
+        return torch.where(keep, g, torch.zeros_like(g))
 
     def reindex(self, idx: torch.Tensor) -> None:
-        for name in ("applied", "prev_term", "last_reward"):
+        """Particle p of item b becomes a copy of particle idx[b, p]: its lineage's state comes with it."""
+        for name in self.LINEAGE:
             setattr(self, name, torch.gather(getattr(self, name), 1, idx.to(self.applied.device)))
         self.log_w = torch.zeros_like(self.log_w)
 
@@ -145,7 +167,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     counter = ComputeCounter(batch=batch)
     chunk = items_per_call(model, x.shape[1:], batch, chunk_items)
     generator = noise_generator(extra_args)
-    resample_generator = noise_generator(extra_args, offset=1)
+    resample_generators = item_generators(int(extra_args.get("seed", 0)), batch)
     rep = (n,) + (1,) * (x.ndim - 1)
     xs = x.repeat(*rep)
     pop = Population(batch, n, torch.device("cpu"))
@@ -170,8 +192,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
             r = (r_guided.cpu() if guided else score_fn(model, denoised, batch, counter, step=(i, steps))).double()
             r, ok = finite_or_flat(r.reshape(n, batch), "the reward")
             r = r.T.contiguous()                                   # [B, N]
-            g = pop.log_potential(potential, lams[i], r, final, lam)
-            g = torch.where(ok[:, None], g, torch.zeros_like(g))   # items with NaN rewards: no reweighting
+            g = pop.log_potential(potential, lams[i], r, final, lam, valid=ok)   # NaN rewards: no reweighting
             pop.log_w = pop.log_w + g
             pop.applied = pop.applied + g
             stats.update({"reward_mean": r.mean(1).tolist(), "reward_max": r.max(1).values.tolist()})
@@ -193,9 +214,8 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
         if scheduled[i] and not final:
             resampled = ess < ess_threshold * n if ess_threshold < 1.0 else torch.ones(batch, dtype=torch.bool)
             if bool(resampled.any()):
-                idx = resample_indices(pop.log_w, resampling, resample_generator)
-                keep = torch.arange(n)[None, :].expand(batch, n)
-                idx = torch.where(resampled[:, None], idx, keep)   # items above the threshold keep their particles
+                # items above the threshold keep their particles (and their weights, below)
+                idx = resample_indices(pop.log_w, resampling, resample_generators, rows=resampled)
                 log_w_kept = pop.log_w.clone()
                 pop.reindex(idx)
                 pop.log_w = torch.where(resampled[:, None], pop.log_w, log_w_kept)
@@ -214,7 +234,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
         if output == "best":
             pick = pop.last_reward.argmax(dim=1)
         else:
-            pick = torch.multinomial(torch.exp(log_w).double(), 1, generator=resample_generator).flatten()
+            pick = weighted_draw(log_w, resample_generators)
         result = xs[(pick * batch + torch.arange(batch)).to(xs.device)]
     if report is not None:
         report({"done": True, "trace": trace, "particles": n, "final_ess": final_ess.tolist(),

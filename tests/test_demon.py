@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -67,6 +68,55 @@ def test_k1_beta0_is_comfys_euler_through_samplercustomadvanced(executor, parame
     out = executor.run(prompt, want=("11", "12"))
     demon, euler = out["11"][0][0]["samples"], out["12"][0][0]["samples"]
     assert torch.allclose(demon, euler, atol=1e-5), (demon - euler).abs().max()
+
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+def test_k1_at_the_default_beta_is_core_ksampler_euler(executor, parametrization):
+    """Steering off (K = 1) at the node's default beta = 0.1 is the user's plain sampler: KSampler (Demon) equals the
+    core KSampler with euler, same seed, steps and scheduler.  Stated tolerance: 1e-5 absolute (float32 rounding;
+    our step runs in float64).  Before the fix K = 1 ran the stochastic step inside the window (max difference 1.74
+    eps, 1.87 flow)."""
+    prompt = ksampler_demon_prompt(parametrization, batch=4, seed=7, steps=20, k=1)
+    assert prompt["3"]["inputs"]["beta"] == 0.1
+    prompt["7"] = {"class_type": "KSampler",
+                   "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0],
+                              "seed": 7, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                              "denoise": 1.0}}
+    out = executor.run(prompt, want=("3", "7"))
+    demon, euler = out["3"][0][0]["samples"], out["7"][0][0]["samples"]
+    assert torch.allclose(demon, euler, atol=1e-5), (demon - euler).abs().max()
+    trace = json.loads(out["3"][1][0])
+    assert trace["steered_steps"] == 0 and trace["model_calls_per_image"] == 20
+
+
+def img2img_batch_prompt(second_colour: int, sampler_node: dict) -> dict:
+    """A batch of two encoded images, each with its red channel as its noise mask: item 0 white (free everywhere),
+    item 1 `second_colour` (white: free, black: kept as it is), into node "9" = sampler_node (a KSampler-style node
+    reading its latent from node "7"); the red reward is node "8"."""
+    return {
+        "1": harness.reference_model_node("eps"),
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFFFFFF}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                     "color": second_colour}},
+        "4": {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["3", 0]}},
+        "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 1]}},
+        "6": {"class_type": "ImageToMask", "inputs": {"image": ["4", 0], "channel": "red"}},
+        "7": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["6", 0]}},
+        "8": harness.red_reward_node(),
+        "9": sampler_node,
+    }
+
+
+def test_batch_items_do_not_influence_each_other(executor):
+    """A batch of two where only item 1's image (and so its noise mask) differs: item 0's result is bit-identical."""
+    node = {"class_type": "RewardSteerKSamplerDemon",
+            "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["7", 0],
+                       "seed": 3, "steps": 12, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
+                       "reward": ["8", 0], "vae": ["1", 1], **demon_inputs(k=4)}}
+    a = executor.run(img2img_batch_prompt(0xFFFFFF, node), want=("9",))["9"][0][0]["samples"]
+    b = executor.run(img2img_batch_prompt(0x000000, node), want=("9",))["9"][0][0]["samples"]
+    assert (a[1] - b[1]).abs().max() > 0.1      # item 1 did change
+    assert torch.equal(a[0], b[0]), (a[0] - b[0]).abs().max()
 
 
 @pytest.mark.parametrize("parametrization", PARAMS)
@@ -228,6 +278,68 @@ def test_ode_estimator_and_budget(executor):
     fitted = json.loads(out["3"][1][0])
     assert fitted["model_calls_per_image"] <= 200 and fitted["k"] < 16
     assert fitted["model_calls_per_image"] == fitted["planned_calls_per_image"]
+
+
+def rollout_calls_per_image(executor, sigma_max, sigma_min, steps=8, k=2):
+    """Model calls per image that the Demon SAMPLER node reports (text on SamplerCustomAdvanced) for the ODE
+    estimator on a Karras schedule sigma_max -> sigma_min of `steps` steps, on the reference eps model."""
+    prompt = {
+        "1": harness.reference_model_node("eps"),
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": harness.red_reward_node(),
+        "4": {"class_type": "RewardSteerDemonSampler",
+              "inputs": {"reward": ["3", 0], "vae": ["1", 1], **demon_inputs(k=k, estimator="ode")}},
+        **harness.sampler_custom_advanced_nodes("4", "karras", steps),
+    }
+    prompt["5"] = {"class_type": "KarrasScheduler",
+                   "inputs": {"steps": steps, "sigma_max": sigma_max, "sigma_min": sigma_min, "rho": 7.0}}
+    executor.run(prompt, want=("8",))
+    texts = [m[1].decode("utf-8", errors="replace") for m in executor.messages if isinstance(m[1], (bytes, bytearray))]
+    calls = [int(c) for t in texts for c in re.findall(r"per image: (\d+) model calls", t)]
+    assert calls, texts
+    return calls[-1]
+
+
+def test_ode_rollout_length_is_measured_on_the_run_schedule(executor):
+    """The rollout of a candidate at relative position j/7 of an 8-step Karras schedule has ceil(20 j / 7) + 1
+    intervals (max_rollout_steps 20), whatever the model's own sigma range: SD's schedule (14.6 -> 0.029) on the
+    reference model (sigma_max ~ 4500) gets the same rollouts as the reference model's full schedule.  Before the fix
+    the position was measured on the model's range: the first candidate of SD's schedule got 7 intervals, not 19,
+    and the run 110 model calls per image instead of 274."""
+    estimators = harness.pack_submodule("samplers.estimators")
+    cm = harness.pack_submodule("reference.comfy_model")
+    import comfy.k_diffusion.sampling as kds
+    ms = cm.build_reference_model(cm.ReferenceSpec()).get_model_object("model_sampling")
+    sd_like = kds.get_sigmas_karras(8, 0.0291675, 14.614642)
+    own = kds.get_sigmas_karras(8, float(ms.sigma_min), float(ms.sigma_max))
+    expected = [math.ceil(20 * j / 7) + 1 for j in range(6, -1, -1)]   # candidates at sigmas[1..7]
+    for sigmas in (sd_like, own):
+        span = estimators.schedule_span(sigmas)
+        assert [estimators.rollout_steps(float(s), span, 20) for s in sigmas[1:8]] == expected
+    # one call per step, and per candidate (K = 2) Heun's 2 calls per interval but 1 for the jump to sigma = 0
+    calls = 8 + 2 * sum(2 * (n - 1) + 1 for n in expected)
+    assert rollout_calls_per_image(executor, 14.614642, 0.0291675) == calls
+    assert rollout_calls_per_image(executor, float(ms.sigma_max), float(ms.sigma_min)) == calls
+
+
+def test_budget_below_the_number_of_steps_is_refused(executor):
+    """Every step costs one model call: budget 2 for 4 steps cannot be met (before: ran silently with 4 calls per
+    image).  A budget of exactly the steps runs them unsteered."""
+    with pytest.raises(RuntimeError, match=r"budget \(2 model calls per image\) is below the minimum for 4 steps.*"
+                                           r"at least 4"):
+        executor.run(ksampler_demon_prompt("eps", batch=1, steps=4, k=4, budget=2))
+    _, out = run_scores(executor, ksampler_demon_prompt("eps", batch=1, steps=4, k=4, budget=4))
+    trace = json.loads(out["3"][1][0])
+    assert trace["model_calls_per_image"] == 4 and trace["steered_steps"] == 0
+
+
+def test_one_step_says_that_its_step_lands_on_sigma_zero(executor):
+    """With steps = 1 the window is full, but the only step jumps to sigma = 0 and cannot be steered."""
+    with pytest.raises(RuntimeError) as error:
+        executor.run(ksampler_demon_prompt("eps", batch=1, steps=1, k=4))
+    message = re.search(r"'exception_message': '([^']*)'", str(error.value)).group(1)
+    assert "the only step lands on sigma = 0" in message and "use at least 2 steps" in message, message
+    assert "min_sigma" not in message and "widen the window" not in message, message
 
 
 def test_steering_window_and_bad_inputs_give_clear_errors(executor):

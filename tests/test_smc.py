@@ -19,7 +19,7 @@ STEPS = 30        # 'normal' schedule; discretisation error of the base sampler 
 
 
 def run_smc(parametrization, batch=RUNS, particles=PARTICLES, lam=LAM, seed=0, guidance=False, steps=STEPS,
-            **options):
+            reward=None, **options):
     import comfy.sample
     import comfy.samplers
     cm = harness.pack_submodule("reference.comfy_model")
@@ -28,7 +28,7 @@ def run_smc(parametrization, batch=RUNS, particles=PARTICLES, lam=LAM, seed=0, g
     rewards = harness.pack_submodule("rewards")
     spec = cm.ReferenceSpec(parametrization=parametrization)
     patcher = cm.build_reference_model(spec)
-    reward = rewards.LinearColorReward.toward(RED)
+    reward = reward or rewards.LinearColorReward.toward(RED)
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", steps)
     latent = torch.zeros(batch, 3, 8, 8)
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -46,26 +46,79 @@ def run_smc(parametrization, batch=RUNS, particles=PARTICLES, lam=LAM, seed=0, g
     return out, summary, spec, reward
 
 
+def mirrored_picture_reward():
+    """Nonlinear: -MSE to a picture that is not in the mixture (the orange diagonal, mirrored; as in the bench)."""
+    pictures = harness.pack_submodule("reference.pictures")
+    rewards = harness.pack_submodule("rewards")
+    target = pictures.draw_picture(4, 64, 64).flip(-1).movedim(0, -1)[None].float()
+    return rewards.ImageSimilarityReward(target, "neg_mse")
+
+
+def latent_quadratic_form(reward, shape=(3, 8, 8)):
+    """(a, y, c) with reward(decode(z)) == c - a ||z - y||^2 for every latent z: -MSE to a picture through the
+    reference model's affine decoder is an isotropic quadratic in the latent.  Recovered from two gradients and
+    checked at a random point."""
+    cm = harness.pack_submodule("reference.comfy_model")
+
+    def value(z):
+        return float(reward(cm.latent_to_image(z[None].float()))[0])
+
+    def grad(z):
+        with torch.inference_mode(False), torch.enable_grad():
+            z = z[None].clone().float().requires_grad_(True)
+            (g,) = torch.autograd.grad(reward(cm.latent_to_image(z))[0], z)
+        return g[0].double()
+
+    zero = torch.zeros(shape, dtype=torch.float64)
+    g0 = grad(zero)                                  # grad = -2a (z - y)
+    a = -float((grad(torch.ones_like(zero)) - g0).mean()) / 2
+    y = g0 / (2 * a)
+    c = value(y)
+    probe = 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    predicted = c - a * float((probe - y).pow(2).sum())
+    assert abs(value(probe) - predicted) < 1e-4 * (1 + abs(predicted)), (value(probe), predicted)
+    return a, y, c
+
+
+def quadratic_tilt(mix, a, y, c, lam):
+    """p(z) exp(lam (c - a ||z - y||^2)) for a mixture of N(mu_k, s^2 I): again a mixture, of N(m_k, s'^2 I) with
+    1/s'^2 = 1/s^2 + 2 lam a, m_k = s'^2 (mu_k / s^2 + 2 lam a y), pi'_k ∝ pi_k exp(-lam a ||mu_k - y||^2 /
+    (1 + 2 lam a s^2)).  Returns (the tilted mixture, its expected reward)."""
+    gm = harness.pack_submodule("reference.mixture")
+    s2 = mix.spread ** 2
+    s2_new = 1.0 / (1.0 / s2 + 2 * lam * a)
+    mu = mix.means.double()
+    dist2 = (mu - y).pow(2).flatten(1).sum(1)
+    weights = torch.softmax(torch.log(mix.weights.double()) - lam * a * dist2 / (1 + 2 * lam * a * s2), 0)
+    means = s2_new * (mu / s2 + 2 * lam * a * y)
+    expected = c - a * float((weights * ((means - y).pow(2).flatten(1).sum(1) + y.numel() * s2_new)).sum())
+    return gm.GaussianMixture(means.float(), weights.float(), s2_new ** 0.5), expected
+
+
 def exact_tilt(spec, reward, lam):
+    """(base mixture, tilted mixture, expected reward under the tilted law) for a linear reward (closed form in
+    reference/target.py) or the -MSE reward (isotropic quadratic: closed form above)."""
     cm = harness.pack_submodule("reference.comfy_model")
     target = harness.pack_submodule("reference.target")
     mix = spec.mixture(8, 8)
-    w, c = target.latent_linear_form(reward, cm.latent_to_image, (3, 8, 8))
-    return mix, mix.tilted(w, lam), w, c
+    if getattr(reward, "linear", False):
+        w, c = target.latent_linear_form(reward, cm.latent_to_image, (3, 8, 8))
+        tilted = mix.tilted(w, lam)
+        return mix, tilted, tilted.expected_linear(w, c)
+    return (mix, *quadratic_tilt(mix, *latent_quadratic_form(reward), lam))
 
 
 def assert_matches_tilted_law(out, spec, reward, lam, what):
     """Component frequencies within 3 standard errors each; mean reward within 4 standard errors; overall mean
     picture within 0.1 RMS (stated tolerances)."""
     cm = harness.pack_submodule("reference.comfy_model")
-    mix, tilted, w, c = exact_tilt(spec, reward, lam)
+    mix, tilted, expected = exact_tilt(spec, reward, lam)
     n = out.shape[0]
     freq = torch.bincount(mix.classify(out), minlength=mix.num_components).double() / n
     p = tilted.weights.double()
     z = (freq - p) / (p * (1 - p) / n).sqrt().clamp_min(1e-12)
     assert (z.abs() < 3).all(), (what, z.tolist(), freq.tolist(), p.tolist())
     r = reward(cm.latent_to_image(out)).double()
-    expected = tilted.expected_linear(w, c)
     assert abs(float(r.mean()) - expected) < 4 * float(r.std()) / math.sqrt(n) + 1e-4, (what, float(r.mean()),
                                                                                      expected)
     mean_picture = (tilted.weights.double().view(-1, 1, 1, 1) * tilted.means.double()).sum(0)
@@ -84,7 +137,7 @@ def test_weighted_draws_match_the_exact_tilted_law(tilted_runs, parametrization)
     assert out.shape == (RUNS, 3, 8, 8)
     assert_matches_tilted_law(out, spec, reward, LAM, parametrization)
     # the tilt is strong enough to matter: the plain law would fail the same check
-    mix, tilted, _, _ = exact_tilt(spec, reward, LAM)
+    mix, tilted, _ = exact_tilt(spec, reward, LAM)
     assert (tilted.weights - mix.weights).abs().max() > 0.1
 
 
@@ -105,6 +158,48 @@ def test_every_potential_targets_the_same_law(potential):
     scored at steps 0, 10, 20 and the end."""
     out, summary, spec, reward = run_smc("flow", potential=potential, seed=11, particles=32, interval=10)
     assert_matches_tilted_law(out, spec, reward, LAM, potential)
+
+
+@pytest.mark.parametrize("potential, particles", [("max", 128), ("sum", 256)])
+def test_max_and_sum_potentials_target_the_tilted_law_of_a_nonlinear_reward(potential, particles):
+    """FK steering's max / sum potentials (running max / sum of the lineage's rewards) with the nonlinear -MSE reward,
+    against its exact tilted law (an isotropic quadratic in the latent: closed form).  Settings: flow model, lambda
+    20, 30 'normal' steps (the base sampler's discretisation error is below the tolerance: see the lambda = 0 test),
+    150 populations, scored at steps 0, 10, 20 and the end and resampled at every scored step (without resampling
+    every potential reduces to importance sampling with exp(lambda r), and the test would not see them).  The sum
+    potential counts early rewards again at every later scoring, so the final correction is large and the
+    finite-population bias (O(1/N)) shows at fewer particles: the mean reward was 3.6 standard errors high at 128
+    particles and 1.6 at 256 (seed 13; max: 1.0 at 128)."""
+    reward = mirrored_picture_reward()
+    out, summary, spec, _ = run_smc("flow", batch=150, particles=particles, potential=potential, seed=13, interval=10,
+                                    ess_threshold=1.0, reward=reward)
+    assert_matches_tilted_law(out, spec, reward, LAM, f"{potential}, nonlinear reward")
+    mix, tilted, _ = exact_tilt(spec, reward, LAM)
+    assert (tilted.weights - mix.weights).abs().max() > 0.2           # the tilt matters
+    assert all(t["resampled"] == [True] * 150 for t in summary["trace"] if t["step"] in (0, 10, 20))
+
+
+@pytest.mark.parametrize("kind, expected", [("max", [5.0, 5.0, 4.0]), ("sum", [10.0, 7.0, 7.0])])
+def test_max_and_sum_potentials_run_over_the_lineage_through_resampling(kind, expected):
+    """Three scored steps of one item with 3 particles, resampled after the first: particle 0 and 1 descend from
+    particle 1 (reward 5), particle 2 from particle 0 (reward 1).  Rewards per lineage: [5, 3, 2], [5, 0, 2],
+    [1, 4, 2]; log G at the third step (lambda 1) is their running max [5, 5, 4] or sum [10, 7, 7] (the one-step
+    look-back before the fix gave [3, 2, 4] and [5, 2, 6]).  The final potential still makes the product of
+    potentials along each lineage exp(lambda r(x0))."""
+    smc = harness.pack_submodule("samplers.smc")
+    pop = smc.Population(1, 3, torch.device("cpu"))
+
+    def score(rewards, final=False):
+        g = pop.log_potential(kind, 1.0, torch.tensor([rewards], dtype=torch.float64), final, 1.0)
+        pop.log_w, pop.applied = pop.log_w + g, pop.applied + g
+        return g[0].tolist()
+
+    score([1.0, 5.0, 2.0])
+    pop.reindex(torch.tensor([[1, 1, 0]]))
+    score([3.0, 0.0, 4.0])
+    assert score([2.0, 2.0, 2.0]) == expected
+    score([6.0, 7.0, 8.0], final=True)
+    assert torch.allclose(pop.applied, torch.tensor([[6.0, 7.0, 8.0]], dtype=torch.float64))
 
 
 def test_tempering_keeps_the_target():
@@ -163,10 +258,9 @@ def test_particle_state_stays_with_its_particle_through_resampling():
 
 def test_resamplers_and_weight_fallbacks(caplog):
     res = harness.pack_submodule("samplers.resampling")
-    gen = torch.Generator().manual_seed(0)
     log_w = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]] * 4000, dtype=torch.float64))
     for method in res.RESAMPLERS:
-        idx = res.resample_indices(log_w, method, gen)
+        idx = res.resample_indices(log_w, method, res.item_generators(0, 4000))
         freq = torch.bincount(idx.flatten(), minlength=4).double() / idx.numel()
         assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1, 0.0], dtype=torch.float64), atol=0.01), method
     bad = torch.tensor([[float("nan"), float("nan")], [-float("inf"), -float("inf")], [0.0, float("nan")]])
@@ -240,6 +334,30 @@ def test_nodes_in_process_samplercustomadvanced_all_in_one_best_of_n(executor):
     # same seed => same output
     again = executor.run(prompt, want=("9",))
     assert torch.equal(again["9"][0][0]["samples"], out["9"][0][0]["samples"])
+
+
+@pytest.mark.parametrize("resampling", ["multinomial", "systematic"])
+def test_batch_items_do_not_influence_each_other(executor, resampling):
+    """A batch of two where only item 1's image (and so its noise mask) differs: free, item 1 resamples like item 0;
+    kept, its particles are identical and never resample.  Item 0's result and trace are bit-identical.  Before the fix all items shared one resampling generator that advanced
+    whenever any item resampled, and item 0's output changed."""
+    from test_demon import img2img_batch_prompt
+
+    node = {"class_type": "RewardSteerKSamplerSMC",
+            "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["7", 0],
+                       "seed": 3, "steps": 12, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
+                       "reward": ["8", 0], "vae": ["1", 1],
+                       **smc_node_inputs(particles=8, lam=40.0, resampling=resampling)}}
+    runs = []
+    for colour in (0xFFFFFF, 0x000000):
+        out = executor.run(img2img_batch_prompt(colour, node), want=("9",))
+        runs.append((out["9"][0][0]["samples"], json.loads(out["9"][1][0])))
+    (a, trace_a), (b, trace_b) = runs
+    item = lambda trace, b: [(t["resampled"][b], t["ess"][b]) for t in trace["trace"]]   # noqa: E731
+    assert [r for r, _ in item(trace_a, 1)] != [r for r, _ in item(trace_b, 1)]   # item 1 resampled differently
+    assert torch.equal(a[0], b[0]), (a[0] - b[0]).abs().max()
+    assert item(trace_a, 0) == item(trace_b, 0)
+    assert trace_a["final_weights"][0] == trace_b["final_weights"][0]
 
 
 def test_gradient_guidance_with_a_non_differentiable_reward_is_refused(executor):
