@@ -15,7 +15,7 @@ from tqdm.auto import trange
 from .estimators import ESTIMATORS, estimate_x0, rollout_cost, schedule_span
 from .model_calls import ComputeCounter, denoise, items_per_call
 from .scoring import SteeringInputError, finite_or_flat, require_choice
-from .sde import noise_generator, sde_step, uses_flow
+from .sde import noise_generator, noise_scale_of, sde_step, uses_flow
 
 WEIGHTINGS = ("tanh", "boltzmann")
 
@@ -115,6 +115,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
     extra_args = {} if extra_args is None else extra_args
     batch = x.shape[0]
     flow = uses_flow(model)
+    noise_scale = noise_scale_of(model)
     sigma_min = float(model.inner_model.model_patcher.get_model_object("model_sampling").sigma_min)
     if k > 1 and beta > 0:
         steer = steering_steps(sigmas, min_sigma, start, end)
@@ -133,7 +134,8 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
         if steer[i]:
             noises = torch.randn((k, *x.shape), generator=generator, dtype=torch.float32).to(x)
             candidates = sde_step(x.repeat(k, *([1] * (x.ndim - 1))), denoised.repeat(k, *([1] * (x.ndim - 1))),
-                                  sigma, sigma_next, noises.reshape(k * batch, *x.shape[1:]), beta, flow)
+                                  sigma, sigma_next, noises.reshape(k * batch, *x.shape[1:]), beta, flow,
+                                  noise_scale=noise_scale)
             x0 = estimate_x0(model, candidates, sigma_next, extra_args, batch, chunk, counter, estimator=estimator,
                              flow=flow, sigma_min=sigma_min, span=span, max_steps=max_rollout_steps)
             rewards = score_fn(model, x0, batch, counter, step=(i, len(sigmas) - 1)).reshape(k, batch)
@@ -148,7 +150,8 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
             # not used (the step is deterministic), but drawn so that later steps' noises do not depend on the window
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
             stats = {"step": i, "sigma": sigma, "steered": False}
-        x = sde_step(x, denoised, sigma, sigma_next, noise, beta if steer[i] else 0.0, flow)
+        x = sde_step(x, denoised, sigma, sigma_next, noise, beta if steer[i] else 0.0, flow,
+                     noise_scale=noise_scale)
         trace.append(stats)
         if report is not None:
             report(stats)

@@ -31,7 +31,7 @@ from .model_calls import ComputeCounter, allow_gradients_through, base_model_of,
 from .resampling import (RESAMPLERS, effective_sample_size, item_generators, normalise_log_weights,
                          resample_indices, weighted_draw)
 from .scoring import SteeringInputError, finite_or_flat, require_choice
-from .sde import fresh_fraction_eta, noise_generator, step_mean_std, uses_flow
+from .sde import fresh_fraction_eta, noise_generator, noise_scale_of, step_mean_std, uses_flow
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
 TEMPERING = ("none", "exponential", "linear")
@@ -164,6 +164,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     lams = lambda_schedule(lam, steps, tempering, gamma)
     batch, n = x.shape[0], particles
     flow = uses_flow(model)
+    noise_scale = noise_scale_of(model)
     counter = ComputeCounter(batch=batch)
     chunk = items_per_call(model, x.shape[1:], batch, chunk_items)
     generator = noise_generator(extra_args)
@@ -178,7 +179,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
         fresh = fresh_fraction_eta(sigma, sigma_next, eta, flow, xs)
         guided = grad_score_fn is not None and not final and lams[i] != 0
         if guided:
-            _, std = step_mean_std(xs, xs, sigma, sigma_next, fresh, flow)
+            _, std = step_mean_std(xs, xs, sigma, sigma_next, fresh, flow, noise_scale=noise_scale)
             std = std.expand(xs.shape[0], *std.shape[1:]) if std.shape[0] == 1 else std
             # The gradient is taken at x but applied to x'.  Flow states are scaled by alpha = 1 - sigma, so a
             # gradient in x' is alpha/alpha' times one in x (1 for eps / v models).
@@ -197,7 +198,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
             pop.applied = pop.applied + g
             stats.update({"reward_mean": r.mean(1).tolist(), "reward_max": r.max(1).values.tolist()})
         # the base (or guided) stochastic step
-        mean, std = step_mean_std(xs, denoised, sigma, sigma_next, fresh, flow)
+        mean, std = step_mean_std(xs, denoised, sigma, sigma_next, fresh, flow, noise_scale=noise_scale)
         noise = torch.randn(xs.shape, generator=generator, dtype=torch.float32).to(xs).double()
         if guided:
             delta = shift.double()

@@ -167,14 +167,12 @@ def test_automatic_chunks_use_the_patchers_free_memory(monkeypatch, name):
 # --- c. the model's noise scale (model_sampling.noise_scale, ComfyUI v0.21.1+; HiDream-O1: 8) ---------------------
 
 NOISE_SCALE = 8.0
-LINES = ("needs samplers/demon.py and samplers/smc.py to pass noise_scale=noise_scale_of(model) to their steps "
-         "(see the report)")
 
 
 @pytest.mark.parametrize("name", [
     "sde",
-    pytest.param("demon", marks=pytest.mark.xfail(strict=True, reason=LINES)),
-    pytest.param("smc", marks=pytest.mark.xfail(strict=True, reason=LINES)),
+    "demon",
+    "smc",
 ])
 def test_fresh_noise_is_scaled_by_the_models_noise_scale(name):
     """From sigma = 1 every sampler draws all of the next state's noise fresh: x' = alpha' D + sigma' s z with s the
