@@ -7,6 +7,10 @@ posterior mean, so eps, v-prediction and flow (CONST) models all go through Comf
 eps and v use a zero-terminal-SNR schedule (sigma_max ≈ 4500) so that ComfyUI's start from pure noise *is*
 the model's marginal at sigma_max -- with SD's sigma_max of 14.6 the pictures would still show through and
 plain sampling would not reproduce the mixture.  Flow models start at sigma = 1, which is exact anyway.
+At the other end every schedule reaches sigma_min = 0.001, far below the spread (the node allows >= 0.005): a
+sampler's last step returns D(x, sigma_min), the posterior mean, whose spread is s / sqrt(1 + (sigma_min/s)^2).
+With SD's linear_start (sigma_min = 0.029) that is 4 % below s = 0.1 at any number of steps, so the betas
+start at 1e-6 (sigma_min = 0.001, as flow's), and only the solver's own step error is left.
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ PARAMETRIZATIONS = {
     "flow": comfy.model_base.ModelType.FLOW,
 }
 SAMPLING_SETTINGS = {
-    "eps": {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "zsnr": True},
-    "v_prediction": {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "zsnr": True},
+    "eps": {"beta_schedule": "linear", "linear_start": 1e-6, "linear_end": 0.012, "zsnr": True},
+    "v_prediction": {"beta_schedule": "linear", "linear_start": 1e-6, "linear_end": 0.012, "zsnr": True},
     "flow": {"shift": 1.0, "multiplier": 1000},
 }
 
@@ -134,15 +138,17 @@ class MixtureDenoiserNet(torch.nn.Module):
     def forward(self, xc, timesteps, context=None, control=None, transformer_options={}, **kwargs):
         model_sampling = self.owner().model_sampling
         sigma = self._sigma(xc, timesteps, transformer_options, model_sampling)
-        xc = xc.float()
-        x = xc / model_sampling.calculate_input(sigma, torch.ones_like(xc))
+        # ComfyUI's parametrisations are per-item affine maps: xc = c_in * x and D = c_skip * x + c_out * out.
+        # Read the coefficients on [B, 1, ...] columns (cheap at any latent size), then invert for out.
+        one = torch.ones((xc.shape[0],) + (1,) * (xc.ndim - 1), device=xc.device, dtype=torch.float32)
+        c_in = model_sampling.calculate_input(sigma, one)
+        c_skip = model_sampling.calculate_denoised(sigma, torch.zeros_like(one), one)
+        c_out = model_sampling.calculate_denoised(sigma, one, torch.zeros_like(one))
+        x = xc.float() / c_in
         mixture = self.spec.mixture(x.shape[-2], x.shape[-1])
         flow = isinstance(model_sampling, comfy.model_sampling.CONST)
         d = mixture.denoise(x, sigma, flow=flow)
-        # calculate_denoised is affine in the network output: D = a + b * out.  Invert it.
-        a = model_sampling.calculate_denoised(sigma, torch.zeros_like(x), x)
-        b = model_sampling.calculate_denoised(sigma, torch.ones_like(x), x) - a
-        return (d - a) / b
+        return (d - c_skip * x) / c_out
 
 
 def build_reference_model(spec: ReferenceSpec) -> comfy.model_patcher.ModelPatcher:

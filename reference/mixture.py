@@ -7,8 +7,12 @@ N(x; alpha*mu_k, v I) with v = alpha^2 s^2 + sigma^2, and E[x0 | x, k] = mu_k + 
 The denoiser D(x, sigma) = E[x0 | x] mixes those by the posterior responsibilities.
 
 A linear reward r(x0) = <w, x0> + c tilts the mixture into another mixture with the same spread:
-pi'_k ∝ pi_k exp(lam <w, mu_k>) and mu'_k = mu_k + lam s^2 w.  That is the exact target of reward-steered
-samplers (p(x) exp(lam r(x))), used by the tests and the demo.
+pi'_k ∝ pi_k exp(lam <w, mu_k>) and mu'_k = mu_k + lam s^2 w.  An isotropic quadratic reward
+r(x0) = c + <w, x0> + (h/2) |x0|^2 (e.g. -MSE to a picture through the reference model's affine decoder, h < 0)
+tilts it into a mixture too: each component's precision 1/s^2 - lam h gives the spread s'^2 = g s^2 with
+g = 1 / (1 - lam h s^2), the means become mu'_k = g (mu_k + lam s^2 w), and
+pi'_k ∝ pi_k exp(lam g (<w, mu_k> + (h/2) |mu_k|^2))  (complete the square; h = 0 is the linear case).
+That is the exact target of reward-steered samplers (p(x) exp(lam r(x))), used by the tests and the demo.
 """
 from __future__ import annotations
 
@@ -91,10 +95,34 @@ class GaussianMixture:
         proj = self._flat_means(w.device) @ w.reshape(-1).double()
         return float(self.weights.double().to(w.device) @ proj + c)
 
-    def tilted(self, w: torch.Tensor, lam: float) -> "GaussianMixture":
-        """The exact law p(x) exp(lam * (<w, x> + c)) / Z: again a mixture with the same spread."""
+    def expected_quadratic(self, w: torch.Tensor, c: float = 0.0, curvature: float = 0.0) -> float:
+        """E[c + <w, x0> + (curvature/2) |x0|^2] under this mixture (E|x0|^2 = |mu_k|^2 + d s^2 per component)."""
+        return self.quadratic_moments(w, c, curvature)[0]
+
+    def quadratic_moments(self, w: torch.Tensor, c: float = 0.0, curvature: float = 0.0) -> tuple[float, float]:
+        """Mean and variance of r = c + <w, x0> + (h/2)|x0|^2 under this mixture (h = curvature).  In component k,
+        x0 = mu_k + s e: r = r(mu_k) + s <w + h mu_k, e> + (h/2) s^2 |e|^2, whose two random terms are
+        uncorrelated, with variances s^2 |w + h mu_k|^2 and (h^2/4) s^4 2d."""
+        mu = self._flat_means(w.device)
+        wf = w.reshape(-1).double().to(w.device)
+        h, s2, d = curvature, self.spread ** 2, mu.shape[1]
+        mean_k = c + mu @ wf + 0.5 * h * ((mu * mu).sum(1) + d * s2)
+        var_k = s2 * ((wf[None, :] + h * mu) ** 2).sum(1) + 0.5 * h * h * s2 * s2 * d
+        pi = self.weights.double().to(w.device)
+        mean = pi @ mean_k
+        return float(mean), float(pi @ (var_k + (mean_k - mean) ** 2))
+
+    def tilted(self, w: torch.Tensor, lam: float, curvature: float = 0.0) -> "GaussianMixture":
+        """The exact law p(x) exp(lam * (c + <w, x> + (curvature/2) |x|^2)) / Z: again a mixture of isotropic
+        Gaussians (same spread when curvature = 0, the linear case)."""
+        precision = 1.0 / self.spread ** 2 - lam * curvature
+        if not precision > 0:
+            raise ValueError(f"lambda * curvature = {lam * curvature:g} >= 1/spread^2 = {1 / self.spread ** 2:g}: "
+                             "p(x) exp(lambda r(x)) cannot be normalised (lower lambda)")
+        g = 1.0 / (precision * self.spread ** 2)     # s'^2 / s^2
         wf = w.reshape(-1).double().to(self.means.device)
-        log_pi = torch.log(self.weights.double()) + lam * (self._flat_means(self.means.device) @ wf)
-        means = self.means.double() + lam * self.spread ** 2 * wf.reshape(self.shape)
+        mu = self._flat_means(self.means.device)
+        log_pi = torch.log(self.weights.double()) + lam * g * (mu @ wf + 0.5 * curvature * (mu * mu).sum(1))
+        means = g * (self.means.double() + lam * self.spread ** 2 * wf.reshape(self.shape))
         return GaussianMixture(means.to(self.means.dtype), torch.softmax(log_pi, 0).to(self.weights.dtype),
-                               self.spread)
+                               self.spread * g ** 0.5)

@@ -158,6 +158,67 @@ def test_tilted_law_helper_matches_brute_force_quadrature():
     assert abs(tilted.expected_linear(w, c) - (float(total @ w.double()) + c)) < 1e-5
 
 
+def test_quadratic_tilt_helper_matches_brute_force_quadrature():
+    """p(x) exp(lam r(x)) for r = c + <w, x> + (h/2)|x|^2 (h < 0: like -MSE to a picture), on a 2-D grid:
+    weights, means, spread and expected reward of the tilted mixture, and E[r] under the untilted one."""
+    mixture = harness.pack_submodule("reference.mixture")
+    means = torch.tensor([[-1.0, 0.5], [0.8, 0.2], [0.1, -0.9]])
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    s, lam, w, c, h = 0.3, 1.7, torch.tensor([0.9, -0.4]), 0.25, -2.6
+    mix = mixture.GaussianMixture(means, weights, s)
+    tilted = mix.tilted(w, lam, curvature=h)
+    g = torch.linspace(-4, 4, 1601, dtype=torch.float64)
+    X, Y = torch.meshgrid(g, g, indexing="ij")
+    pts = torch.stack([X.reshape(-1), Y.reshape(-1)], 1)
+    r = pts @ w.double() + c + 0.5 * h * (pts * pts).sum(1)
+    cell = float(g[1] - g[0]) ** 2
+    base = [weights[k].double() * torch.exp(-((pts - means[k].double()) ** 2).sum(1) / (2 * s * s))
+            / (2 * math.pi * s * s) for k in range(3)]
+    q = [b * torch.exp(lam * r) for b in base]                     # tilted, split by component
+    masses = torch.stack([qk.sum() for qk in q])
+    firsts = torch.stack([(qk[:, None] * pts).sum(0) / qk.sum() for qk in q])
+    spreads = torch.stack([((qk * ((pts - m) ** 2).sum(1)).sum() / qk.sum() / 2).sqrt() for qk, m in zip(q, firsts)])
+    rewards = torch.stack([(qk * r).sum() / qk.sum() for qk in q])
+    assert torch.allclose(tilted.weights.double(), masses / masses.sum(), atol=1e-6)
+    assert torch.allclose(tilted.means.double(), firsts, atol=1e-5)
+    assert torch.allclose(torch.full((3,), tilted.spread, dtype=torch.float64), spreads, atol=1e-5)
+    assert tilted.spread < s   # the quadratic tilt narrows every component
+    assert abs(tilted.expected_quadratic(w, c, h) - float(masses / masses.sum() @ rewards)) < 1e-5
+    assert abs(mix.expected_quadratic(w, c, h) - float((sum(base) * r).sum() * cell)) < 1e-5
+    # the variance of the reward too, under both laws
+    mean, var = tilted.quadratic_moments(w, c, h)
+    qt = sum(q) / sum(q).sum()
+    assert abs(mean - float((qt * r).sum())) < 1e-5 and abs(var - float((qt * (r - mean) ** 2).sum())) < 1e-5
+    mean, var = mix.quadratic_moments(w, c, h)
+    assert abs(var - float((sum(base) * (r - mean) ** 2).sum() * cell)) < 1e-5
+    with pytest.raises(ValueError, match="cannot be normalised"):
+        mix.tilted(w, lam=-5.0, curvature=h)   # exp(+|x|^2 ...): no normalisable tilt
+
+
+def test_latent_quadratic_form_recovers_neg_mse_to_a_picture():
+    """-MSE to any picture, through the reference decoder, is c + <w, z> + (h/2)|z|^2 with h = -1/(2 d)
+    (image = (z + 1)/2 on 8x8 blocks, mean over the image's pixels and channels); cosine is refused."""
+    cm = harness.pack_submodule("reference.comfy_model")
+    target = harness.pack_submodule("reference.target")
+    rewards = harness.pack_submodule("rewards")
+    picture = torch.rand(1, 32, 40, 3, generator=torch.Generator().manual_seed(4))   # not block-constant
+    reward = rewards.ImageSimilarityReward(picture)
+    shape = (3, 4, 5)
+    w, c, h = target.latent_quadratic_form(reward, cm.latent_to_image, shape)
+    d = 3 * 4 * 5
+    assert abs(h - (-1.0 / (2 * d))) < 1e-6
+    z = torch.randn((5,) + shape, generator=torch.Generator().manual_seed(5))
+    zf = z.reshape(5, -1).double()
+    predicted = c + zf @ w.reshape(-1).double() + 0.5 * h * zf.pow(2).sum(1)
+    assert torch.allclose(predicted, reward(cm.latent_to_image(z)).double(), atol=1e-5)
+    assert target.latent_reward_form(reward, cm.latent_to_image, shape)[2] == h
+    colour = rewards.LinearColorReward((1.0, -2.0, 0.5))
+    assert target.latent_reward_form(colour, cm.latent_to_image, shape)[2] == 0.0
+    cosine = rewards.ImageSimilarityReward(picture, metric="cosine")
+    with pytest.raises(target.NotQuadraticError, match="not an isotropic quadratic"):
+        target.latent_quadratic_form(cosine, cm.latent_to_image, shape)
+
+
 def test_latent_linear_form_recovers_the_colour_weights():
     cm = harness.pack_submodule("reference.comfy_model")
     target = harness.pack_submodule("reference.target")
@@ -223,10 +284,10 @@ def test_samplercustom_and_advanced_run_the_reference_model_like_ksampler(execut
         "1": model, "2": latent,
         "3": {"class_type": "KSampler",
               "inputs": {"model": ["1", 0], "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0],
-                         "seed": 9, "steps": 12, "cfg": 2.0, "sampler_name": "heun", "scheduler": "karras",
+                         "seed": 9, "steps": 12, "cfg": 2.0, "sampler_name": "heun", "scheduler": "beta",
                          "denoise": 1.0}},
         "4": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "heun"}},
-        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 12,
+        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "beta", "steps": 12,
                                                          "denoise": 1.0}},
         "6": {"class_type": "SamplerCustom",
               "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 9, "cfg": 2.0, "positive": ["1", 2],
@@ -242,7 +303,8 @@ def test_samplercustom_and_advanced_run_the_reference_model_like_ksampler(execut
     a, b, c = (out[k][0][0]["samples"] for k in ("3", "6", "9"))
     assert torch.isfinite(a).all() and a.shape == (4, 3, 8, 8)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
-    # and they are real samples: every one sits on a picture
+    # and they are real samples: every one sits on a picture.  (Heun on a 12-step karras grid would not: its
+    # large steps below sigma ~ spread over-disperse each component about 2.3x; see tests/test_exactness.py.)
     mix = harness.pack_submodule("reference.comfy_model").ReferenceSpec().mixture(8, 8)
     resid = (a - mix.means[mix.classify(a)]).reshape(4, -1).pow(2).mean(1).sqrt()
     assert (resid < 0.2).all()
