@@ -128,7 +128,7 @@ def noise_generator(extra_args: dict, offset: int = 0) -> torch.Generator:
 
 @torch.no_grad()
 def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, beta: float = 0.1):
-    """Plain SDE sampling with the shared step: the unsteered baseline of the steering samplers (Demon with K=1)."""
+    """Plain SDE sampling with the shared step (Demon's stochastic step without candidates), for comparisons."""
     extra_args = {} if extra_args is None else extra_args
     flow, scale = uses_flow(model), noise_scale_of(model)
     generator = noise_generator(extra_args)
