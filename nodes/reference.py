@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..reference.comfy_model import (PARAMETRIZATIONS, ReferenceSpec, ReferenceVAE, build_reference_model,
                                      latent_to_image, neutral_conditioning, parse_weights, reference_spec_of)
 from ..reference.pictures import PICTURE_NAMES
-from ..reference.target import exact_target, latent_linear_form
+from ..reference.target import exact_target, latent_reward_form
 from ..reference.tiny_unet import build_tiny_unet_model, build_tiny_vae, prompt_conditioning
 from .types import Reward
 
@@ -59,10 +59,12 @@ class ReferenceExactTarget(io.ComfyNode):
             display_name="Reference Model Exact Target",
             category=CATEGORY,
             description="The exact law a reward-steered sampler should reach on the reference model with a "
-                        "linear reward: component probabilities and expected reward under p and p*exp(lambda*r).",
+                        "linear reward (Colour Reward) or -MSE image similarity (quadratic in the latent): "
+                        "component probabilities, spread, and the reward's mean and standard deviation under p and "
+                        "p*exp(lambda*r).",
             inputs=[
                 io.Model.Input("model", tooltip="the MODEL output of Reference Model"),
-                Reward.Input("reward", tooltip="a linear reward (e.g. Colour Reward)"),
+                Reward.Input("reward", tooltip="a linear reward (Colour Reward) or -MSE Image Similarity"),
                 io.Latent.Input("latent", tooltip="the latent you sample (its size sets the picture size)"),
                 io.Float.Input("lam", display_name="lambda", default=10.0, min=0.0, max=1000.0, step=0.1,
                                tooltip="strength of the tilt: target p(x)*exp(lambda*r(x))"),
@@ -78,8 +80,8 @@ class ReferenceExactTarget(io.ComfyNode):
             raise ValueError("Exact Target needs the MODEL from the Reference Model node (other models have no "
                              "closed-form answer)")
         h, w = latent["samples"].shape[-2:]
-        weights, bias = latent_linear_form(reward, latent_to_image, (3, h, w))
-        target = {"reward": reward.describe(), **exact_target(spec.mixture(h, w), weights, bias, lam)}
+        weights, bias, curvature = latent_reward_form(reward, latent_to_image, (3, h, w))
+        target = {"reward": reward.describe(), **exact_target(spec.mixture(h, w), weights, bias, lam, curvature)}
         text = (f"{target['reward']}: E_p[r] = {target['expected_reward_base']:.4f}; "
                 f"E[r] under p*exp({lam:g} r) = {target['expected_reward_tilted']:.4f}\n" +
                 "\n".join(f"{n}: {p:.3f} -> {q:.3f}" for n, p, q in

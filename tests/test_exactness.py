@@ -160,3 +160,24 @@ def test_smc_with_few_steps_is_not_exact(executor):
                         batch=50, lam=40.0)
     error = m["within"] / m["spread"] - 1.0
     assert -0.35 < error < -0.15, error
+
+
+def test_exact_target_node_gives_the_quadratic_answer_for_neg_mse(executor):
+    """The Exact Target node accepts -MSE image similarity (quadratic in the latent) and reports the same exact law
+    as the helpers: mean reward under p and p*exp(lam r), and the narrowed spread."""
+    cm = harness.pack_submodule("reference.comfy_model")
+    target = harness.pack_submodule("reference.target")
+    rewards = harness.pack_submodule("rewards")
+    graph = exactness_graph(ksampler_node("euler", "beta", 2, 0), 0.2, 1)
+    graph["8"] = {"class_type": "RewardSteerReferenceExactTarget",
+                  "inputs": {"model": ["1", 0], "reward": ["6", 0], "latent": ["2", 0], "lam": 40.0}}
+    out = executor.run(graph, want=("p5",))
+    node = executor.history["outputs"]["8"]["target"][0]
+    reward = rewards.ImageSimilarityReward(out["p5"][0][0])
+    shape = (3, SIZE // 8, SIZE // 8)
+    w, c, h = target.latent_quadratic_form(reward, cm.latent_to_image, shape)
+    base = cm.ReferenceSpec(spread=0.2).mixture(*shape[1:])
+    exact = base.tilted(w, 40.0, h)
+    assert abs(node["expected_reward_base"] - base.expected_quadratic(w, c, h)) < 1e-5
+    assert abs(node["expected_reward_tilted"] - exact.expected_quadratic(w, c, h)) < 1e-5
+    assert node["tilted_spread"] < node["base_spread"] == pytest.approx(0.2)

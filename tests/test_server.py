@@ -167,7 +167,8 @@ def test_demo_workflow_over_http_produces_images_and_scores(server):
 
 def test_demo_check_fails_on_a_figure_off_its_exact_answer():
     def summary(plain, fk):
-        return {"plain": {"mean_reward": plain, "standard_error": 0.01}, "fk": {"mean_reward": fk, "standard_error": 0.01},
+        return {"plain": {"mean_reward": plain, "standard_error": 0.01, "samples": 16},
+                "fk": {"mean_reward": fk, "standard_error": 0.01, "samples": 16},
                 "exact": {"expected_reward_plain": 0.10, "expected_reward_tilted": 0.20, "lambda": 10.0}}
     assert run_demo.check_against_exact(summary(0.139, 0.161)) == []          # 3.9 standard errors: agrees
     problems = run_demo.check_against_exact(summary(0.141, 0.20))
@@ -177,6 +178,9 @@ def test_demo_check_fails_on_a_figure_off_its_exact_answer():
     flat = summary(0.10, 0.25)
     flat["fk"]["standard_error"] = 0.0                                        # no spread cannot hide a miss
     assert len(run_demo.check_against_exact(flat)) == 1
+    exact_std = summary(0.141, 0.20)                                          # the exact law's std sets the error
+    exact_std["exact"].update(reward_std_plain=0.2, reward_std_tilted=0.2)   # 0.2 / 4 = 0.05 per mean
+    assert run_demo.check_against_exact(exact_std) == [] and exact_std["plain"]["z_score"] == pytest.approx(0.82)
 
 
 def without(graph: dict, class_type: str) -> dict:
@@ -205,7 +209,9 @@ def test_demo_check_catches_a_reference_vae_that_stops_working(executor, monkeyp
         return {"plain": run_demo.score_summary(outputs[titles["Score plain samples"]]["scores"]),
                 "fk": run_demo.score_summary(outputs[titles["Score FK samples"]]["scores"]),
                 "exact": {"expected_reward_plain": target["expected_reward_base"],
-                          "expected_reward_tilted": target["expected_reward_tilted"], "lambda": target["lambda"]}}
+                          "expected_reward_tilted": target["expected_reward_tilted"], "lambda": target["lambda"],
+                          "reward_std_plain": target["reward_std_base"],
+                          "reward_std_tilted": target["reward_std_tilted"]}}
 
     assert run_demo.check_against_exact(figures()) == []
     cm = harness.pack_submodule("reference.comfy_model")
