@@ -11,7 +11,7 @@
    sampling at the same batch size), with and without the time spent decoding and scoring candidates, for the
    VAE decoder (a random TAESD) and the latent-RGB preview decoder.
 
-    .host/venv/bin/python bench/demon_bench.py [--images 32] [--quick]
+    .host/v0.3.75/venv/bin/python bench/demon_bench.py [--images 32] [--quick]
 Writes bench/results/demon.json and bench/results/demon.png and prints the tables.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ComfyUI's own CLIP vision ViT-L/14, CLIP score on ViT-B-32 -- each in float32 and bfloat16.  512x512 inputs, as a
 candidate of SD1.5 would be.  Rows are measured side by side in one run.
 
-    .host/venv/bin/python bench/reward_bench.py
+    .host/v0.3.75/venv/bin/python bench/reward_bench.py
 Writes bench/results/rewards.json and bench/results/rewards.png.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@
    followed by importance resampling (N plain samples, one drawn with weight exp(lambda r)) at the same calls.
    The TV of 300 exact draws (the noise floor) is printed beside them.
 
-    .host/venv/bin/python bench/smc_bench.py [--quick]
+    .host/v0.3.75/venv/bin/python bench/smc_bench.py [--quick]
 Writes bench/results/smc.json and bench/results/smc.png.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 definitions of a running ComfyUI (/object_info).  Re-run after changing a graph; the tests check that every file
 validates and that each file still equals its graph here.
 
-    .host/venv/bin/python scripts/build_workflows.py
+    .host/v0.3.75/venv/bin/python scripts/build_workflows.py
 """
 from __future__ import annotations
 
