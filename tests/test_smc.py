@@ -54,58 +54,15 @@ def mirrored_picture_reward():
     return rewards.ImageSimilarityReward(target, "neg_mse")
 
 
-def latent_quadratic_form(reward, shape=(3, 8, 8)):
-    """(a, y, c) with reward(decode(z)) == c - a ||z - y||^2 for every latent z: -MSE to a picture through the
-    reference model's affine decoder is an isotropic quadratic in the latent.  Recovered from two gradients and
-    checked at a random point."""
-    cm = harness.pack_submodule("reference.comfy_model")
-
-    def value(z):
-        return float(reward(cm.latent_to_image(z[None].float()))[0])
-
-    def grad(z):
-        with torch.inference_mode(False), torch.enable_grad():
-            z = z[None].clone().float().requires_grad_(True)
-            (g,) = torch.autograd.grad(reward(cm.latent_to_image(z))[0], z)
-        return g[0].double()
-
-    zero = torch.zeros(shape, dtype=torch.float64)
-    g0 = grad(zero)                                  # grad = -2a (z - y)
-    a = -float((grad(torch.ones_like(zero)) - g0).mean()) / 2
-    y = g0 / (2 * a)
-    c = value(y)
-    probe = 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    predicted = c - a * float((probe - y).pow(2).sum())
-    assert abs(value(probe) - predicted) < 1e-4 * (1 + abs(predicted)), (value(probe), predicted)
-    return a, y, c
-
-
-def quadratic_tilt(mix, a, y, c, lam):
-    """p(z) exp(lam (c - a ||z - y||^2)) for a mixture of N(mu_k, s^2 I): again a mixture, of N(m_k, s'^2 I) with
-    1/s'^2 = 1/s^2 + 2 lam a, m_k = s'^2 (mu_k / s^2 + 2 lam a y), pi'_k ∝ pi_k exp(-lam a ||mu_k - y||^2 /
-    (1 + 2 lam a s^2)).  Returns (the tilted mixture, its expected reward)."""
-    gm = harness.pack_submodule("reference.mixture")
-    s2 = mix.spread ** 2
-    s2_new = 1.0 / (1.0 / s2 + 2 * lam * a)
-    mu = mix.means.double()
-    dist2 = (mu - y).pow(2).flatten(1).sum(1)
-    weights = torch.softmax(torch.log(mix.weights.double()) - lam * a * dist2 / (1 + 2 * lam * a * s2), 0)
-    means = s2_new * (mu / s2 + 2 * lam * a * y)
-    expected = c - a * float((weights * ((means - y).pow(2).flatten(1).sum(1) + y.numel() * s2_new)).sum())
-    return gm.GaussianMixture(means.float(), weights.float(), s2_new ** 0.5), expected
-
-
 def exact_tilt(spec, reward, lam):
-    """(base mixture, tilted mixture, expected reward under the tilted law) for a linear reward (closed form in
-    reference/target.py) or the -MSE reward (isotropic quadratic: closed form above)."""
+    """(base mixture, tilted mixture, expected reward under the tilted law) for a linear reward or the -MSE reward
+    (an isotropic quadratic in the latent): the closed forms of reference/target.py and reference/mixture.py."""
     cm = harness.pack_submodule("reference.comfy_model")
     target = harness.pack_submodule("reference.target")
     mix = spec.mixture(8, 8)
-    if getattr(reward, "linear", False):
-        w, c = target.latent_linear_form(reward, cm.latent_to_image, (3, 8, 8))
-        tilted = mix.tilted(w, lam)
-        return mix, tilted, tilted.expected_linear(w, c)
-    return (mix, *quadratic_tilt(mix, *latent_quadratic_form(reward), lam))
+    w, c, h = target.latent_reward_form(reward, cm.latent_to_image, (3, 8, 8))
+    tilted = mix.tilted(w, lam, h)
+    return mix, tilted, tilted.expected_quadratic(w, c, h)
 
 
 def assert_matches_tilted_law(out, spec, reward, lam, what):
