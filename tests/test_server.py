@@ -69,9 +69,13 @@ def test_setup_without_the_shared_release_skips_it_unless_it_is_required(tmp_pat
 
 def test_server_log_has_no_warnings_about_the_pack(server):
     """ComfyUI's start-up log: torch is not imported before main.py imports it, and the pack loads cleanly."""
-    log = server.log_path.read_text(errors="replace")
-    assert "Torch already imported" not in log
-    assert "IMPORT FAILED" not in log and "Traceback" not in log, log[-3000:]
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    assert not [line for line in lines if "Torch already imported" in line]
+    # ComfyUI's own optional nodes may fail to import on a host (v0.3.75 has no torchaudio); the pack must not
+    ours = [line for line in lines if "comfyui-reward-steering" in line]
+    assert any("seconds" in line for line in ours), "the pack is missing from ComfyUI's import times"
+    assert not [line for line in ours if "IMPORT FAILED" in line or "Cannot import" in line
+                or line.lstrip().startswith("File ")], ours
 
 
 def test_every_pack_node_is_in_object_info(server):
