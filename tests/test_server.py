@@ -70,6 +70,9 @@ def test_setup_without_the_shared_release_skips_it_unless_it_is_required(tmp_pat
 def test_server_log_has_no_warnings_about_the_pack(server):
     """ComfyUI's start-up log: torch is not imported before main.py imports it, and the pack loads cleanly."""
     lines = server.log_path.read_text(errors="replace").splitlines()
+    # start-up only: the shared server later logs the tracebacks of runs that other tests make fail on purpose
+    started = next(i for i, line in enumerate(lines) if "To see the GUI go to" in line)
+    lines = lines[:started]
     assert not [line for line in lines if "Torch already imported" in line]
     # ComfyUI's own optional nodes may fail to import on a host (v0.3.75 has no torchaudio); the pack must not
     ours = [line for line in lines if "comfyui-reward-steering" in line]
