@@ -147,7 +147,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
                      "reward_mean": clean.mean(0).tolist(), "reward_std": clean.std(0, unbiased=False).tolist(),
                      "reward_max": clean.max(0).values.tolist()}
         else:
-            # not used (the step is deterministic), but drawn so that later steps' noises do not depend on the window
+            # not used (the step is deterministic); still drawn, so a seed gives the same noises as before this change
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
             stats = {"step": i, "sigma": sigma, "steered": False}
         x = sde_step(x, denoised, sigma, sigma_next, noise, beta if steer[i] else 0.0, flow,
