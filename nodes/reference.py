@@ -10,6 +10,7 @@ from ..reference.comfy_model import (PARAMETRIZATIONS, ReferenceSpec, ReferenceV
                                      latent_to_image, neutral_conditioning, parse_weights, reference_spec_of)
 from ..reference.pictures import PICTURE_NAMES
 from ..reference.target import exact_target, latent_reward_form
+from ..reference.tiny_families import FAMILIES, build_family
 from ..reference.tiny_unet import build_tiny_unet_model, build_tiny_vae, prompt_conditioning
 from .types import Reward
 
@@ -115,6 +116,30 @@ class TinyTestModel(io.ComfyNode):
         return io.NodeOutput(build_tiny_unet_model(seed), build_tiny_vae(seed), batch_conditioning(prompt))
 
 
+class TinyFamilyModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardSteerTinyFamilyModel",
+            display_name="Tiny Random Model (testing)",
+            category=CATEGORY,
+            description="For testing only: ComfyUI's real model code of a family (SD1.5, SD2 v-prediction, SDXL, "
+                        "SD3, Flux, Flux 2, Wan 2.1 text-to-video) at a tiny size with seeded random weights, a "
+                        "stand-in text encoder that gives the family's real conditioning shapes, and a tiny VAE of "
+                        "the family's latent layout. Use it in place of a checkpoint loader; its images are noise.",
+            inputs=[
+                io.Combo.Input("family", options=list(FAMILIES), default=FAMILIES[0],
+                               tooltip="the model family whose architecture, latent layout and conditioning to use"),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="seed of the random weights"),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family, seed) -> io.NodeOutput:
+        return io.NodeOutput(*build_family(family, seed))
+
+
 def batch_conditioning(prompt: str):
     """One embedding per non-empty line, as a conditioning batch; a single line is the whole text, as before."""
     lines = [line.strip() for line in prompt.splitlines() if line.strip()]
@@ -123,4 +148,4 @@ def batch_conditioning(prompt: str):
     return [[torch.cat([prompt_conditioning(line)[0][0] for line in lines]), {}]]
 
 
-NODES = [ReferenceModel, ReferenceExactTarget, TinyTestModel]
+NODES = [ReferenceModel, ReferenceExactTarget, TinyTestModel, TinyFamilyModel]

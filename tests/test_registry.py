@@ -7,6 +7,7 @@ import harness
 
 EXPECTED_NODE_IDS = {
     "RewardSteerReferenceModel", "RewardSteerReferenceExactTarget", "RewardSteerTinyTestModel",
+    "RewardSteerTinyFamilyModel",
     "RewardSteerColorReward", "RewardSteerImageSimilarityReward", "RewardSteerScoreImages",
     "RewardSteerCombineRewards", "RewardSteerLoadOpenClip", "RewardSteerAestheticReward",
     "RewardSteerClipScoreReward", "RewardSteerVLMReward",
