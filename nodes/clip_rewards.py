@@ -64,8 +64,12 @@ class LoadOpenClip(io.ComfyNode):
             display_name="Load OpenCLIP (for rewards)",
             category=CATEGORY,
             description="An open_clip model from models/open_clip for the CLIP-score and aesthetic rewards. "
-                        "Pick the architecture the file was trained with (ViT-L-14 for the LAION aesthetic head).",
-            inputs=[io.Combo.Input("architecture", options=open_clip.list_models(), default="ViT-L-14"),
+                        "Pick the architecture the file was trained with: OpenAI's weights (the LAION aesthetic "
+                        "head's backbone) need a -quickgelu one (ViT-L-14-quickgelu); LAION / DataComp weights the "
+                        "plain one (ViT-L-14). A file in OpenAI's own layout is detected and run with QuickGELU.",
+            inputs=[io.Combo.Input("architecture", options=open_clip.list_models(), default="ViT-L-14-quickgelu",
+                                   tooltip="OpenAI CLIP weights use QuickGELU: ViT-L-14-quickgelu; LAION / DataComp "
+                                           "weights: ViT-L-14"),
                     io.Combo.Input("weights", options=folder_paths.get_filename_list("open_clip")),
                     io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
                                    tooltip="auto: fp16 on a GPU that supports it, fp32 on the CPU")],

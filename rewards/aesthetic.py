@@ -6,11 +6,14 @@ input width is read from the file, so heads for other backbones work too.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .base import Reward
 
 HEAD_LAYERS = (0, 2, 4, 6, 7)
+OPENAI_VIT_L_WIDTH = 768
 
 
 class AestheticHead(torch.nn.Module):
@@ -41,6 +44,11 @@ class AestheticReward(Reward):
             raise ValueError(f"the aesthetic head {head_name} expects {head.input_dim}-d embeddings but the CLIP "
                              f"backbone {clip.describe()} gives {clip.embed_dim}-d (the official head needs "
                              "ViT-L/14)")
+        if getattr(clip, "activation", "QuickGELU") == "GELU" and head.input_dim == OPENAI_VIT_L_WIDTH:
+            # the official head was trained on OpenAI ViT-L/14 embeddings, which come from QuickGELU towers
+            logging.warning("%s: the backbone %s runs GELU, but the LAION aesthetic head expects OpenAI CLIP "
+                            "ViT-L/14 embeddings (QuickGELU); with OpenAI weights load them as ViT-L-14-quickgelu, "
+                            "or the scores are off", head_name, clip.describe())
         self.clip, self.head = clip, head
         self.differentiable = getattr(clip, "differentiable", True)
         self.name = f"LAION aesthetic ({head_name} on {clip.describe()})"

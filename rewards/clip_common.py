@@ -27,6 +27,24 @@ def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=C
     return (x - m) / s
 
 
+def pad_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[B, H, W, 3] in [0, 1] -> normalised [B, 3, size, size] the way HPSv2 preprocesses: the longer side resized
+    to `size` (bicubic), the shorter padded with black on both sides (left / top get the smaller half), then CLIP
+    mean/std.  Nothing is cropped.  On the images' device, batched, differentiable."""
+    x = images.movedim(-1, 1)
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    if (nh, nw) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
+                                            antialias=scale < 1)
+    pad_h, pad_w = size - nh, size - nw
+    x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 TEXT_CACHE_SIZE = 256   # distinct texts remembered per model
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,6 +59,18 @@ def reward_model_dtype(precision: str, device) -> torch.dtype:
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return DTYPES[precision]
+
+
+def remembered_text_embeddings(cache: dict, texts: list[str], device, encode) -> torch.Tensor:
+    """L2-normalised text embeddings [len(texts), D] on `device`; `encode(list of new texts)` runs only for the texts
+    `cache` does not hold yet (at most TEXT_CACHE_SIZE are kept)."""
+    new = [t for t in dict.fromkeys(texts) if t not in cache]
+    if new:
+        emb = encode(new).float()
+        if len(cache) + len(new) > TEXT_CACHE_SIZE:
+            cache.clear()
+        cache.update(zip(new, torch.nn.functional.normalize(emb, dim=-1).cpu()))
+    return torch.stack([cache[t] for t in texts]).to(device)
 
 
 class OpenClipModel:
@@ -78,10 +108,10 @@ class OpenClipModel:
         comfy.model_management.load_models_gpu([self.patcher])
         return self.patcher.load_device
 
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+    def image_embeddings(self, images: torch.Tensor, preprocess=clip_preprocess) -> torch.Tensor:
         """L2-normalised image embeddings [B, D] (differentiable w.r.t. the images)."""
         device = self.device()
-        x = clip_preprocess(images.to(device, torch.float32), self.image_size).to(self.dtype)
+        x = preprocess(images.to(device, torch.float32), self.image_size).to(self.dtype)
         emb = self.model.encode_image(x)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
@@ -90,16 +120,16 @@ class OpenClipModel:
         """L2-normalised text embeddings [len(texts), D].  Each distinct text is encoded once and remembered: a
         sampler scores every step against the same prompt, usually one prompt for the whole batch."""
         device = self.device()
-        new = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if new:
-            emb = self.model.encode_text(self.tokenizer(new).to(device)).float()
-            if len(self._text_cache) + len(new) > TEXT_CACHE_SIZE:
-                self._text_cache.clear()
-            self._text_cache.update(zip(new, torch.nn.functional.normalize(emb, dim=-1).cpu()))
-        return torch.stack([self._text_cache[t] for t in texts]).to(device)
+        return remembered_text_embeddings(self._text_cache, texts, device,
+                                          lambda new: self.model.encode_text(self.tokenizer(new).to(device)))
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation the towers run with: QuickGELU (OpenAI's CLIP) or GELU (open_clip's default)."""
+        return "QuickGELU" if any(type(m).__name__ == "QuickGELU" for m in self.model.modules()) else "GELU"
 
     def describe(self) -> str:
-        return f"{self.arch} ({self.source})"
+        return f"{self.arch}, {self.activation} ({self.source})"
 
 
 ENCODER_NAMES = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP", "siglip2_vision_model": "SigLIP 2",
@@ -174,6 +204,9 @@ class ComfyClipVision:
         return f"CLIP vision {self.width}-wide ({self.source}; no gradients: use Load OpenCLIP for those)"
 
 
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
 def load_open_clip(arch: str, weights_path: str, precision: str = "auto") -> OpenClipModel:
     """An open_clip architecture with weights from a local file (no downloads).  A JSON config beside the file
     (same name, .json) registers a custom architecture first."""
@@ -194,8 +227,13 @@ def load_open_clip(arch: str, weights_path: str, precision: str = "auto") -> Ope
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models()[:8])}...")
     with torch.inference_mode(False):
-        model = open_clip.create_model(arch, pretrained=None, load_weights=False)
         state = _load_state_dict(weights_path)
+        # OpenAI's CLIP runs QuickGELU; its own state dicts carry these three entries.  open_clip switches QuickGELU
+        # on only for pretrained='openai', so a file of OpenAI weights under a plain name (ViT-L-14) would silently
+        # run GELU.  Files converted without them need the architecture's -quickgelu name.
+        openai_layout = any(key in state for key in OPENAI_ONLY_KEYS)
+        state = {k: v for k, v in state.items() if k not in OPENAI_ONLY_KEYS}
+        model = open_clip.create_model(arch, pretrained=None, load_weights=False, force_quick_gelu=openai_layout)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
