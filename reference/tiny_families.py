@@ -14,8 +14,9 @@
   same embedding.  Prompt weights are ignored.  The real encoders (T5-XXL's vocabulary alone is 131M parameters)
   are too big for a test.
 - **VAE: real ComfyUI VAE code at a tiny width**, loaded through `comfy.sd.VAE`, in the family's latent layout:
-  TAESD (4 or 16 channels, /8) for the SD and SD3/Flux/Z-Image/Qwen-Image families, the Flux 2 KL autoencoder with
-  its batch-norm latent (128 channels, /16) and the Wan 2.1 causal 3-D VAE (16 channels, /8, /4 in time).
+  TAESD (4 or 16 channels, /8) for the SD and SD3/Flux/Z-Image families, the Flux 2 KL autoencoder with its
+  batch-norm latent (128 channels, /16) and the Wan 2.1 causal 3-D VAE (16 channels, /8, /4 in time; also
+  Qwen-Image's, on single frames).
 
 ComfyUI's ops leave weights uninitialised, so every tensor is filled from a seeded generator (fan-in scaled, norms
 at identity, and random, not zero, where a family zero-initialises its output or modulation layers), in fp32 on the
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import math
 import os
 
@@ -149,6 +151,22 @@ def _family_table() -> dict[str, FamilyInfo]:
                    {"image_model": "wan2.1", "model_type": "t2v", "dim": 128, "out_dim": 16, "num_heads": 1,
                     "ffn_dim": 256, "num_layers": 1, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
                     "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "text_dim": 4096}),
+        FamilyInfo("zimage", "ZImage", "FLOW", 16, 8, None, "EmptySD3LatentImage", "cfg", 1.0, None,
+                   # Qwen3-4B hidden states (2560 wide); the real length is the templated prompt's, here 77
+                   TextLayout(2560, tokens=None, pooled=None, token_keys=("qwen3_4b",)),
+                   # Lumina 2 NextDiT with Z-Image's modulation (256 wide, so dim >= 256) and rope; heads of 128 =
+                   # sum(axes_dims), as the real model's
+                   {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 2560,
+                    "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2,
+                    "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+                    "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+                    "pad_tokens_multiple": 32}),
+        FamilyInfo("qwen_image", "QwenImage", "FLUX", 16, 8, None, "EmptySD3LatentImage", "cfg", 2.5, None,
+                   # Qwen2.5-VL-7B hidden states (3584 wide); the real length is the templated prompt's, here 77
+                   TextLayout(3584, tokens=None, pooled=None, token_keys=("qwen25_7b",)),
+                   {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                    "num_layers": 1, "attention_head_dim": 128, "num_attention_heads": 1, "joint_attention_dim": 3584,
+                    "axes_dims_rope": (16, 56, 56)}),
     ]
     return {row.family: row for row in rows if hasattr(comfy.supported_models, row.model_class)}
 
@@ -218,9 +236,14 @@ def _file_detected(family: str) -> bool:
     detected = comfy.model_detection.model_config_from_unet(tiny_state_dict(family), "")
     if detected is None or type(detected).__name__ != info.model_class:
         return False
-    ours = _model_config(info).unet_config
-    shared = (set(ours) & set(detected.unet_config)) - {"dtype"}   # keys either side leaves out are defaults
-    return all(ours[key] == detected.unet_config[key] for key in shared)
+    ours, theirs = _model_config(info).unet_config, detected.unet_config
+    shared = (set(ours) & set(theirs)) - {"dtype"}
+    if any(ours[key] != theirs[key] for key in shared):
+        return False
+    # what detection leaves out, the network's constructor defaults: ours must be those too (Qwen-Image's widths)
+    network = type(build_family_model(family).model.diffusion_model)
+    defaults = {name: p.default for name, p in inspect.signature(network.__init__).parameters.items()}
+    return all(key in defaults and defaults[key] == ours[key] for key in set(ours) - set(theirs) - {"dtype"})
 
 
 def write_tiny_model_file(family: str, folder: str, seed: int = 0) -> str | None:
@@ -344,7 +367,7 @@ def build_family_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
     vae_seed = _seed_for("vae", family, seed)
     if family == "flux2":
         return _flux2_vae(vae_seed)
-    if family == "wan21":
+    if family in ("wan21", "qwen_image"):   # Qwen-Image's VAE is the Wan 2.1 one, on single frames
         return _wan21_vae(vae_seed)
     return _taesd_vae(info.latent_channels, vae_seed)
 
