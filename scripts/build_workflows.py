@@ -243,6 +243,46 @@ def example_sdxl_vlm_demon() -> dict:
     return graph
 
 
+def example_sdxl_image_reward_demon() -> dict:
+    """SDXL steered by Demon toward ImageReward of the prompt (the Demon node passes its prompt to the reward).
+    Files: models/image_reward/ImageReward.pt + med_config.json (huggingface.co/THUDM/ImageReward) and
+    models/image_reward/bert-base-uncased/vocab.txt (huggingface.co/google-bert/bert-base-uncased)."""
+    graph = _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 8)
+    graph["5"] = {"class_type": "RewardSteerImageReward", "_meta": {"title": "Reward: ImageReward vs the prompt"},
+                  "inputs": {"weights": "ImageReward.pt", "text": "", "precision": "auto"}}
+    graph["6"]["inputs"]["prompt"] = graph["2"]["inputs"]["text"]
+    graph["10"]["inputs"]["prompt"] = graph["2"]["inputs"]["text"]
+    return graph
+
+
+def example_flux_pickscore_smc() -> dict:
+    """Flux with the SMC SAMPLER toward PickScore of the prompt.  Files: the PickScore_v1 folder
+    (huggingface.co/yuvalkirstain/PickScore_v1) as models/pickscore/PickScore_v1/."""
+    graph = example_flux_smc()
+    graph["10"] = {"class_type": "RewardSteerPickScoreReward", "_meta": {"title": "Reward: PickScore vs the prompt"},
+                   "inputs": {"weights": "PickScore_v1/model.safetensors", "text": "", "precision": "auto"}}
+    graph["11"]["inputs"]["prompt"] = graph["4"]["inputs"]["text"]
+    graph["14"]["inputs"]["filename_prefix"] = "flux_fk_pickscore"
+    return graph
+
+
+def example_sd15_hps_best_of_n() -> dict:
+    """SD1.5 best-of-N (seed search) by HPS v2.1 of the prompt.  Files: models/hps/HPS_v2.1_compressed.pt
+    (huggingface.co/xswu/HPSv2)."""
+    graph = _text_to_image_demon("v1-5-pruned-emaonly.safetensors", 512, 30, 7.0, 8)
+    graph["5"] = {"class_type": "RewardSteerHPSReward", "_meta": {"title": "Reward: HPS v2.1 vs the prompt"},
+                  "inputs": {"weights": "HPS_v2.1_compressed.pt", "text": "", "precision": "auto"}}
+    sampler = graph["6"]["inputs"]
+    graph["6"] = {"class_type": "RewardSteerBestOfN", "_meta": {"title": "Best-of-N (HPS v2.1)"},
+                  "inputs": {**{k: sampler[k] for k in ("model", "seed", "steps", "cfg", "scheduler", "positive",
+                                                        "negative", "latent_image", "denoise", "reward", "vae")},
+                             "sampler_name": "euler", "n": 8, "prompt": graph["2"]["inputs"]["text"]}}
+    graph["8"]["inputs"]["filename_prefix"] = "best_of_n_hps"
+    del graph["9"]          # best-of-N has no per-step plot; its scores are in scores_json
+    graph["10"]["inputs"]["prompt"] = graph["2"]["inputs"]["text"]
+    return graph
+
+
 WORKFLOWS = {
     "demo_reference.json": demo_reference,
     "example_sd15_demon.json": example_sd15_demon,
@@ -257,6 +297,9 @@ WORKFLOWS = {
     "example_reference_vlm_demon.json": example_reference_vlm_demon,
     "example_sdxl_vlm_demon.json": example_sdxl_vlm_demon,
     "example_reference_manual_pick.json": example_reference_manual_pick,
+    "example_sdxl_image_reward_demon.json": example_sdxl_image_reward_demon,
+    "example_flux_pickscore_smc.json": example_flux_pickscore_smc,
+    "example_sd15_hps_best_of_n.json": example_sd15_hps_best_of_n,
 }
 
 

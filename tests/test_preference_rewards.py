@@ -31,10 +31,11 @@ VIT_WIDTH, VIT_DEPTH, VIT_PATCH, VIT_IMAGE, VIT_HIDDEN, VIT_HEADS = 32, 2, 8, 32
 TINY_MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
             "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
             "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
-            "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 0, "encoder_width": 32,
+            "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "encoder_width": 32,
             "add_cross_attention": True}
 BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red", "the", "in",
               "snow", "cabin", "##s", "blue", "apple"]
+TINY_MED["vocab_size"] = len(BERT_WORDS) + 2        # + BLIP's [DEC] and [ENC]
 
 
 def seeded(shape, gen, scale=0.1, offset=0.0):
@@ -54,7 +55,8 @@ def image_reward_state(gen, vocab: int, width: int = VIT_WIDTH, d: int = TINY_ME
     for i in range(VIT_DEPTH):
         b = f"{v}blocks.{i}."
         s.update({b + "norm1.weight": seeded((width,), gen, 0.1, 1.0), b + "norm1.bias": seeded((width,), gen),
-                  b + "attn.qkv.weight": seeded((3 * width, width), gen, 0.3), b + "attn.qkv.bias": seeded((3 * width,), gen),
+                  b + "attn.qkv.weight": seeded((3 * width, width), gen, 0.3),
+                  b + "attn.qkv.bias": seeded((3 * width,), gen),
                   b + "attn.proj.weight": seeded((width, width), gen, 0.2), b + "attn.proj.bias": seeded((width,), gen),
                   b + "norm2.weight": seeded((width,), gen, 0.1, 1.0), b + "norm2.bias": seeded((width,), gen),
                   b + "mlp.fc1.weight": seeded((hidden, width), gen, 0.2), b + "mlp.fc1.bias": seeded((hidden,), gen),
@@ -100,27 +102,69 @@ def randomise(model, gen):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if scale_of_a_norm else 0.0))
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, pack):
-    """models/hps, models/pickscore/<name>/ and models/image_reward as users fill them, with tiny random weights,
-    registered with folder_paths as ComfyUI would find them."""
-    import folder_paths
+def write_tiny_preference_models(root: Path) -> dict:
+    """The users' files, at a tiny width with seeded random weights, under the names the README and the examples
+    use: root/hps/HPS_v2.1_compressed.pt ({'state_dict': ...} in open_clip's ViT-H-14 layout; the .json beside it
+    declares the tiny width), root/pickscore/PickScore_v1/ (the Hugging Face folder: config.json,
+    model.safetensors, preprocessor_config.json, CLIP tokenizer files), root/image_reward/ImageReward.pt +
+    med_config.json + bert-base-uncased/vocab.txt.  Returns the three folders.  Also for tests/test_examples.py."""
+    import comfy.sd1_clip
     import open_clip
     from transformers import CLIPConfig, CLIPModel
-    harness.pack_submodule("nodes.preference_rewards")       # registers the folders
-    root = tmp_path_factory.mktemp("models")
-    dirs = {name: root / name for name in ("hps", "pickscore", "image_reward", "open_clip")}
+    dirs = {name: root / name for name in ("hps", "pickscore", "image_reward")}
     for d in dirs.values():
-        d.mkdir()
+        d.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode(False):
-        # HPS: {'state_dict': ...} in open_clip's ViT-H-14 key layout; the .json beside declares the tiny width
         (dirs["hps"] / "HPS_v2.1_compressed.json").write_text(json.dumps(TINY_HPS))
         open_clip.add_model_config(str(dirs["hps"] / "HPS_v2.1_compressed.json"))
         hps = open_clip.create_model("HPS_v2.1_compressed", pretrained=None, load_weights=False)
         randomise(hps, gen)
         torch.save({"state_dict": {f"module.{k}": v for k, v in hps.state_dict().items()}},
                    dirs["hps"] / "HPS_v2.1_compressed.pt")
+        pick = dirs["pickscore"] / "PickScore_v1"
+        torch.manual_seed(1)
+        CLIPModel(tiny_pickscore_config()).eval().save_pretrained(str(pick), safe_serialization=True)
+        for f in Path(comfy.sd1_clip.__file__).with_name("sd1_tokenizer").iterdir():
+            shutil.copy(f, pick / f.name)
+        (pick / "preprocessor_config.json").write_text(json.dumps(
+            {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+             "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3, "size": 32}))
+        ir = dirs["image_reward"]
+        (ir / "bert-base-uncased").mkdir(exist_ok=True)
+        (ir / "bert-base-uncased" / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+        (ir / "med_config.json").write_text(json.dumps(TINY_MED))
+        torch.save(image_reward_state(gen, TINY_MED["vocab_size"]), ir / "ImageReward.pt")
+    return dirs
+
+
+def tiny_pickscore_config():
+    """PickScore_v1's config.json at a tiny width (GELU, as PickScore's ViT-H/14; logit scale 100)."""
+    from transformers import CLIPConfig
+    return CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                     "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 8, "hidden_act": "gelu"},
+        projection_dim=16, logit_scale_init_value=math.log(100.0))
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, pack):
+    """The users' folders (write_tiny_preference_models) plus broken variants for the error tests, registered with
+    folder_paths as ComfyUI would find them."""
+    import folder_paths
+    import open_clip
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel
+    harness.pack_submodule("nodes.preference_rewards")       # registers the folders
+    root = tmp_path_factory.mktemp("models")
+    dirs = write_tiny_preference_models(root)
+    dirs["open_clip"] = root / "open_clip"
+    dirs["open_clip"].mkdir()
+    gen = torch.Generator().manual_seed(10)
+    with torch.inference_mode(False):
+        # HPS weights of another width than the architecture JSON beside them
         wide = {**TINY_HPS, "vision_cfg": {**TINY_HPS["vision_cfg"], "width": 48}}
         (dirs["hps"] / "wrong-width.json").write_text(json.dumps(TINY_HPS))
         open_clip.add_model_config(str(dirs["hps"] / "wrong-width.json"))
@@ -129,25 +173,9 @@ def model_dirs(tmp_path_factory, pack):
         other = open_clip.create_model("wrong-width-src", pretrained=None, load_weights=False)
         torch.save({"state_dict": other.state_dict()}, dirs["hps"] / "wrong-width.pt")
         (dirs["hps"] / "wrong-width-src.json").unlink()
-        # PickScore: the Hugging Face folder (config, safetensors, processor config, CLIP tokenizer files)
+        # PickScore: an fp16 single file read with its folder's configs; a folder without tokenizer files; weights
+        # of another width than config.json
         pick = dirs["pickscore"] / "PickScore_v1"
-        config = CLIPConfig(
-            text_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-                         "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"},
-            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-                           "num_hidden_layers": 2, "image_size": 32, "patch_size": 8, "hidden_act": "gelu"},
-            projection_dim=16, logit_scale_init_value=math.log(100.0))
-        torch.manual_seed(1)
-        clip = CLIPModel(config).eval()
-        clip.save_pretrained(str(pick), safe_serialization=True)
-        import comfy.sd1_clip
-        tokenizer_files = Path(comfy.sd1_clip.__file__).with_name("sd1_tokenizer")
-        for f in tokenizer_files.iterdir():
-            shutil.copy(f, pick / f.name)
-        (pick / "preprocessor_config.json").write_text(json.dumps(
-            {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-             "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3, "size": 32}))
-        from safetensors.torch import load_file, save_file
         weights = load_file(str(pick / "model.safetensors"))
         save_file({k: v.half() for k, v in weights.items()}, str(pick / "pickscore_fp16.safetensors"))
         no_tokenizer = dirs["pickscore"] / "no_tokenizer"
@@ -159,22 +187,18 @@ def model_dirs(tmp_path_factory, pack):
         for f in pick.iterdir():
             if f.suffix != ".safetensors":
                 shutil.copy(f, narrow / f.name)
+        config = tiny_pickscore_config()
         wide_config = CLIPConfig(text_config=config.text_config.to_dict(),
                                  vision_config={**config.vision_config.to_dict(), "hidden_size": 48},
                                  projection_dim=16)
         save_file({k: v.contiguous() for k, v in CLIPModel(wide_config).state_dict().items()},
                   str(narrow / "model.safetensors"))
-        # ImageReward: ImageReward.pt, med_config.json and bert-base-uncased/vocab.txt beside it
+        # ImageReward: without its med_config.json / tokenizer folder; a wider BERT than med_config.json; an HPS file
         ir = dirs["image_reward"]
-        (ir / "bert-base-uncased").mkdir()
-        (ir / "bert-base-uncased" / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
-        med = {**TINY_MED, "vocab_size": len(BERT_WORDS) + 2}        # + BLIP's [DEC] and [ENC]
-        (ir / "med_config.json").write_text(json.dumps(med))
-        torch.save(image_reward_state(gen, med["vocab_size"]), ir / "ImageReward.pt")
         lonely = root / "image_reward_alone"
         lonely.mkdir()
         shutil.copy(ir / "ImageReward.pt", lonely / "ImageReward-alone.pt")
-        torch.save(image_reward_state(gen, med["vocab_size"], d=48), ir / "ImageReward-wide-text.pt")
+        torch.save(image_reward_state(gen, TINY_MED["vocab_size"], d=48), ir / "ImageReward-wide-text.pt")
         shutil.copy(dirs["hps"] / "HPS_v2.1_compressed.pt", ir / "not-image-reward.pt")
     for name in ("hps", "pickscore", "image_reward"):
         folder_paths.add_model_folder_path(name, str(dirs[name]))
@@ -455,8 +479,10 @@ def openai_image_embeddings(state, x, quick_gelu: bool):
     heads = width // TINY_VIT["vision_cfg"]["head_width"]
     act = (lambda t: t * torch.sigmoid(1.702 * t)) if quick_gelu else F.gelu
     ln = lambda h, name: F.layer_norm(h, (width,), state[name + ".weight"], state[name + ".bias"])  # noqa: E731
-    h = F.conv2d(x, state["visual.conv1.weight"], stride=TINY_VIT["vision_cfg"]["patch_size"]).flatten(2).transpose(1, 2)
-    h = torch.cat([state["visual.class_embedding"].expand(h.shape[0], 1, -1), h], 1) + state["visual.positional_embedding"]
+    h = F.conv2d(x, state["visual.conv1.weight"], stride=TINY_VIT["vision_cfg"]["patch_size"])
+    h = h.flatten(2).transpose(1, 2)
+    h = torch.cat([state["visual.class_embedding"].expand(h.shape[0], 1, -1), h], 1)
+    h = h + state["visual.positional_embedding"]
     h = ln(h, "visual.ln_pre")
     for i in range(TINY_VIT["vision_cfg"]["layers"]):
         b = f"visual.transformer.resblocks.{i}."
