@@ -18,6 +18,7 @@ NODE_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("rewards", ()),
     ("demon", ()),
     ("smc", ()),
+    ("tree", ()),
     ("clip_rewards", ("open_clip",)),
     ("preference_rewards", ("open_clip", "transformers")),
     ("manual_pick", ()),

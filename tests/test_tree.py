@@ -240,3 +240,78 @@ def test_nan_rewards_warn_and_the_run_finishes(caplog):
     out, summary, _ = run_tree("eps", batch=2, seed=1, reward=NanReward(), mode="dts", rollouts=3)
     assert torch.isfinite(out).all() and summary["rollouts"] == [3, 3]
     assert "NaN" in caplog.text
+
+
+def tree_inputs(**overrides) -> dict:
+    inputs = {"reward": ["8", 0], "vae": ["1", 1], "mode": "dts_star", "lam": 10.0, "rollouts": 6, "max_calls": 0,
+              "max_seconds": 0.0, "parallel": 2, "widening": 1.0, "alpha": 0.5, "exploration": 1.0, "eta": 1.0,
+              "chunk_items": 0, "decoder": "vae", "prompt": ""}
+    inputs.update(overrides)
+    return inputs
+
+
+def ksampler_tree_prompt(batch=2, seed=3, **overrides) -> dict:
+    return {
+        "1": harness.reference_model_node("eps"),
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "8": harness.red_reward_node(),
+        "3": {"class_type": "RewardSteerKSamplerTree",
+              "inputs": {"model": ["1", 0], "seed": seed, "steps": STEPS, "cfg": 1.0, "scheduler": "normal",
+                         "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0], "denoise": 1.0,
+                         **tree_inputs(**overrides)}},
+    }
+
+
+def test_all_in_one_node_trace_plot_and_determinism(executor):
+    """The all-in-one node through ComfyUI's executor with the colour reward: the trace JSON (rollouts, calls, tree
+    size, depth of re-use, best reward per round, never decreasing), a drawn plot, same seed = same latent."""
+    prompt = ksampler_tree_prompt()
+    out = executor.run(prompt, want=("3",))
+    latent, trace_json, plot = out["3"][0][0], out["3"][1][0], out["3"][2][0]
+    trace = json.loads(trace_json)
+    assert latent["samples"].shape == (2, 3, 8, 8)
+    assert trace["mode"] == "dts_star" and trace["rollouts"] == [6, 6] and trace["stopped_by"] == "rollouts"
+    assert all(STEPS <= c <= 6 * STEPS for c in trace["model_calls"])
+    rounds = trace["trace"]
+    assert [r["rollouts"] for r in rounds] == [[2, 2], [4, 4], [6, 6]]
+    assert all(len(levels) == 2 for r in rounds for levels in r["branch_level"])
+    for prev, nxt in zip(rounds, rounds[1:]):
+        assert all(a <= b for a, b in zip(prev["best_reward"], nxt["best_reward"]))
+    assert trace["output_reward"] == trace["best_reward"]
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.min() < 0.5
+    again = executor.run(prompt, want=("3",))
+    assert torch.equal(again["3"][0][0]["samples"], latent["samples"])
+
+
+def test_sampler_node_in_samplercustomadvanced_with_a_call_budget(executor):
+    """The SAMPLER node under core SamplerCustomAdvanced (flow model), DTS with a 40-call budget per image: one
+    finite latent per item, the same for the same seed."""
+    prompt = {
+        "1": harness.reference_model_node("flow"),
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "9": harness.red_reward_node(),
+        "4": {"class_type": "RewardSteerTreeSampler",
+              "inputs": tree_inputs(reward=["9", 0], mode="dts", rollouts=100, max_calls=40)},
+        **harness.sampler_custom_advanced_nodes("4", "normal", STEPS),
+    }
+    out = executor.run(prompt, want=("8",))
+    samples = out["8"][0][0]["samples"]
+    assert samples.shape == (2, 3, 8, 8) and torch.isfinite(samples).all()
+    again = executor.run(prompt, want=("8",))
+    assert torch.equal(again["8"][0][0]["samples"], samples)
+
+
+def test_masked_img2img_keeps_the_unmasked_half(executor):
+    """img2img at denoise 0.6 with a noise mask on the left half, batch of two: the right half stays the encoded
+    image (core's mask blending at every model call, through the padded candidate-major layout)."""
+    prompt = harness.masked_img2img_graph("eps")
+    prompt["8"] = harness.red_reward_node()
+    prompt["9"] = {"class_type": "RewardSteerKSamplerTree",
+                   "inputs": {"model": ["1", 0], "seed": 1, "steps": STEPS, "cfg": 1.0, "scheduler": "normal",
+                              "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["7", 0], "denoise": 0.6,
+                              **tree_inputs(rollouts=4)}}
+    out = executor.run(prompt, want=("9", "3"))
+    result, encoded = out["9"][0][0]["samples"], out["3"][0][0]["samples"]
+    assert result.shape == encoded.shape == (2, 3, 8, 8)
+    assert torch.allclose(result[..., 4:], encoded[..., 4:], atol=1e-4)
+    assert not torch.allclose(result[..., :4], encoded[..., :4], atol=1e-2)
