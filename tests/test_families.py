@@ -125,6 +125,8 @@ def test_plain_core_workflow_runs_with_the_real_conditioning_shapes(executor, mo
         assert x.shape[1:] == expected_x or (not info.video and x.shape[1:] == expected_x[:1] + (1,) + latent_hw)
         out = call["output"]
         assert out.shape == x.shape and torch.isfinite(out).all() and out.std() > 1e-3
+        if info.guider == "cfg" and out.shape[0] == 2:   # the prompt and the negative reach the network apart
+            assert (out[0] - out[1]).abs().max() > 1e-4
 
 
 def test_prompt_text_decides_the_conditioning(executor):
