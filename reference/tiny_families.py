@@ -5,14 +5,15 @@
 - **Diffusion model: real.**  The family's `comfy.supported_models` class (SD15, SD20 with v-prediction, SDXL, SD3,
   Flux, Flux2, WAN21_T2V, ZImage, QwenImage) builds ComfyUI's `model_base` model and its real network (UNet, MMDiT,
   Flux DiT, Wan DiT, Lumina 2 NextDiT, Qwen-Image DiT) from a tiny `unet_config`: one or two blocks, inner widths
-  of 32-128, but the real input widths (latent channels, text-context width, pooled-vector width), so the real
+  of 32-256 (attention heads of the real 128 in the DiTs), but the real input widths (latent channels, text-context width, pooled-vector width), so the real
   conditioning layout reaches it.  Model sampling (eps / v / flow and its shift) is the class's own.
 - **Text encoder: a stand-in** inside a real `comfy.sd.CLIP`.  ComfyUI's CLIP-L tokenizer turns the prompt into
   tokens; a small seeded module (a 32-wide token and position embedding, projected) maps them to the family's real
   context shape and pooled width (e.g. Flux: T5-like [1, 256, 4096] + CLIP-L pooled [1, 768]; SDXL: [1, 77, 2048]
-  + [1, 1280]).  Core CLIPTextEncode and the family's conditioning nodes work on it; the same text always gives the
-  same embedding.  Prompt weights are ignored.  The real encoders (T5-XXL's vocabulary alone is 131M parameters)
-  are too big for a test.
+  + [1, 1280]).  Core CLIPTextEncode works on it; the same text always gives the same embedding.  The tokens come
+  under the real tokenizer's keys (Flux: `l`, `t5xxl`): the context is made from the last key's tokens, the pooled
+  vector from `g`'s or else the first key's.  Prompt weights are ignored.  The real encoders (T5-XXL's vocabulary
+  alone is 131M parameters) are too big for a test.
 - **VAE: real ComfyUI VAE code at a tiny width**, loaded through `comfy.sd.VAE`, in the family's latent layout:
   TAESD (4 or 16 channels, /8) for the SD and SD3/Flux/Z-Image families, the Flux 2 KL autoencoder with its
   batch-norm latent (128 channels, /16) and the Wan 2.1 causal 3-D VAE (16 channels, /8, /4 in time; also
@@ -24,8 +25,9 @@ CPU.  Images are noise patterns, not pictures.
 
 `write_tiny_model_file(family, folder)` writes the diffusion model as a `.safetensors` with the original
 checkpoint's key names when the host's `comfy.model_detection` recognises the tiny file as the family (core
-UNETLoader then loads it); it returns None where detection needs full-size shapes (the UNet families always, Flux
-where the host fixes the head count).
+UNETLoader then loads it); it returns None where detection needs full-size shapes: the UNet families always, Flux
+and Flux 2 where the host fixes the head count (v0.3.75), Z-Image (detected at dim 3840 only) and Qwen-Image (its
+widths are not read from the file).
 """
 from __future__ import annotations
 
@@ -312,14 +314,19 @@ class StandInTextEncoder(torch.nn.Module):
         ids = (ids + [CLIP_PAD] * self.layout.tokens)[:self.layout.tokens]
         return torch.tensor(ids).view(1, -1)
 
+    def _features(self, chunks) -> torch.Tensor:
+        ids = self._ids(chunks).to(self.token_embedding.weight.device)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return torch.tanh(self.token_embedding(ids) + self.position_embedding(positions))
+
     def encode_token_weights(self, token_weight_pairs):
-        ids = self._ids(token_weight_pairs[self.layout.token_keys[-1]])
-        device = self.token_embedding.weight.device
-        positions = torch.arange(ids.shape[1], device=device)
-        h = torch.tanh(self.token_embedding(ids.to(device)) + self.position_embedding(positions))
-        cond = self.context_proj(h).reshape(1, -1, self.layout.width).float()
-        pooled = None if self.pooled_proj is None else self.pooled_proj(h[:1].mean(dim=1)).float()
-        return cond, pooled, {}
+        keys = self.layout.token_keys
+        cond = self.context_proj(self._features(token_weight_pairs[keys[-1]])).reshape(1, -1, self.layout.width)
+        pooled = None
+        if self.pooled_proj is not None:
+            pooled_key = "g" if "g" in keys else keys[0]
+            pooled = self.pooled_proj(self._features(token_weight_pairs[pooled_key])[:1].mean(dim=1)).float()
+        return cond.float(), pooled, {}
 
 
 def build_family_clip(family: str, seed: int = 0) -> comfy.sd.CLIP:

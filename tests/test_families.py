@@ -141,6 +141,24 @@ def test_prompt_text_decides_the_conditioning(executor):
     assert not torch.allclose(a[0], c[0]) and not torch.allclose(a[1]["pooled_output"], c[1]["pooled_output"])
 
 
+def test_flux_text_node_finds_its_tokenizer_keys(executor):
+    """CLIPTextEncodeFlux tokenizes clip_l and t5xxl apart: the context follows the T5 text, the pooled vector the
+    CLIP-L text, as with the real encoders."""
+    def encode(clip_l, t5xxl):
+        prompt = {"1": {"class_type": "RewardSteerTinyFamilyModel", "inputs": {"family": "flux", "seed": 0}},
+                  "2": {"class_type": "CLIPTextEncodeFlux", "inputs": {"clip": ["1", 1], "clip_l": clip_l,
+                                                                      "t5xxl": t5xxl, "guidance": 3.5}}}
+        cond = executor.run(prompt, want=("2",))["2"][0][0][0]
+        return cond[0], cond[1]["pooled_output"]
+
+    context, pooled = encode("a red apple", "a blue car")
+    context_t5, _ = encode("a green bird", "a blue car")
+    _, pooled_l = encode("a red apple", "a green bird")
+    assert context.shape == (1, 256, 4096) and pooled.shape == (1, 768)
+    assert torch.equal(context, context_t5) and torch.equal(pooled, pooled_l)
+    assert not torch.equal(pooled, encode("a green bird", "a blue car")[1])
+
+
 def register_folder(monkeypatch, folder):
     """Add `folder` to the diffusion_models search paths for this test (ComfyUI's own list, restored after)."""
     import folder_paths
