@@ -12,8 +12,8 @@ from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
 from ..samplers.model_calls import align_conds_with_items
-from .sampling import (DOWNSCALE_KEYS, TraceRecorder, batch_mean_series, ksampler_inputs, plot_panels, run_sampler,
-                       run_steering_ksampler, show_text_on_node, sigmas_for)
+from .sampling import (DOWNSCALE_KEYS, TraceRecorder, batch_mean_series, fix_empty_latent, ksampler_inputs,
+                       plot_panels, run_sampler, run_steering_ksampler, show_text_on_node, sigmas_for)
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -195,17 +195,18 @@ class BestOfN(io.ComfyNode):
         if "noise_mask" in latent_image:
             mask = latent_image["noise_mask"]
             tiled["noise_mask"] = mask.repeat(n, *([1] * (mask.ndim - 1))) if mask.shape[0] == batch else mask
+        from ..samplers.model_calls import ComputeCounter
+
+        class _Model:  # the scorer only needs the model behind the sampler (latent format, process_latent_out)
+            inner_model = type("G", (), {"inner_model": model.model})()
+
+        scorer = make_latent_scorer(vae, reward, [prompt] if prompt else None)
+        scorer.check(_Model, fix_empty_latent(model, latent_image))   # a VAE / reward that cannot score: refused now
         sigmas = sigmas_for(model, scheduler, steps, denoise)
         sampler = ItemAlignedSampler(comfy.samplers.sampler_object(sampler_name), batch)
         out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, tiled)
         samples = out["samples"]
-        from ..samplers.model_calls import ComputeCounter
-
-        class _Model:  # the scorer only needs process_latent_out from the model behind the sampler
-            inner_model = type("G", (), {"inner_model": model.model})()
-
-        scores = make_latent_scorer(vae, reward, [prompt] if prompt else None)(_Model, samples, batch,
-                                                                             ComputeCounter(batch=batch))
+        scores = scorer(_Model, samples, batch, ComputeCounter(batch=batch))
         table = scores.reshape(n, batch)
         best = table.argmax(dim=0)
         chosen = samples[best * batch + torch.arange(batch)]

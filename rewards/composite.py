@@ -56,6 +56,8 @@ class CompositeReward(Reward):
         self.differentiable = normalisation != "rank" and all(r.differentiable for r, _ in self.parts)
         self.needs_prompt = any(r.needs_prompt for r, _ in self.parts)
         self.linear = normalisation == "none" and all(r.linear for r, _ in self.parts)
+        self.compares_candidates = normalisation != "none" or any(r.compares_candidates for r, _ in self.parts)
+        self.video = "frame_mean" if all(r.video for r, _ in self.parts) else None   # parts score clips' frames
         self.name = " + ".join(f"{w:g}*[{r.describe()}]" for r, w in self.parts) + f" ({normalisation})"
 
     def score(self, images, prompts=None, context=NO_CONTEXT):

@@ -238,6 +238,8 @@ class RunInfo:
 class ManualPickReward(Reward):
     """The person's picks as a reward.  See the module docstring."""
     name = "manual pick"
+    compares_candidates = True
+    video = None    # the page shows still images: a person would pick frames, not clips
 
     def __init__(self, broker: PickBroker, question: str = "", mode: str = "pick", ask_every: int = 1,
                  timeout: float = 300.0, on_timeout: str = "uniform", fallback: Reward | None = None,

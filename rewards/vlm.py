@@ -400,6 +400,7 @@ class VLMReward(Reward):
         self.counters = Counters()
         self.client = VLMClient(config, self.counters, sleep=sleep, session=session, rng=random.Random(seed))
         self.name = f"VLM {config.mode} ({config.model} @ {self.client.host})"
+        self.compares_candidates = config.mode != "rubric"   # tournaments and rankings compare an item's candidates
         self.last: dict = {}
 
     def describe(self) -> str:

@@ -14,7 +14,7 @@ from tqdm.auto import trange
 
 from .estimators import ESTIMATORS, estimate_x0, rollout_cost, schedule_span
 from .model_calls import ComputeCounter, denoise, items_per_call
-from .scoring import SteeringInputError, finite_or_flat, require_choice
+from .scoring import SteeringInputError, check_scorer, finite_or_flat, require_choice
 from .sde import noise_generator, noise_scale_of, sde_step, uses_flow
 
 WEIGHTINGS = ("tanh", "boltzmann")
@@ -112,6 +112,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
         raise SteeringInputError(f"K (candidates per step) must be at least 1, got {k}")
     require_choice("estimator", estimator, ESTIMATORS)
     require_choice("weighting", weighting, WEIGHTINGS)
+    check_scorer(score_fn, model, x)   # a VAE or reward that cannot score these latents: refused before sampling
     extra_args = {} if extra_args is None else extra_args
     batch = x.shape[0]
     flow = uses_flow(model)

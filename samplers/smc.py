@@ -30,7 +30,7 @@ from tqdm.auto import trange
 from .model_calls import ComputeCounter, allow_gradients_through, base_model_of, denoise, items_per_call
 from .resampling import (RESAMPLERS, effective_sample_size, item_generators, normalise_log_weights,
                          resample_indices, weighted_draw)
-from .scoring import SteeringInputError, finite_or_flat, require_choice
+from .scoring import SteeringInputError, check_scorer, finite_or_flat, require_choice
 from .sde import fresh_fraction_eta, noise_generator, noise_scale_of, step_mean_std, uses_flow
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
@@ -158,6 +158,8 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     require_choice("potential", potential, POTENTIALS)
     require_choice("resampling", resampling, RESAMPLERS)
     require_choice("output", output, OUTPUTS)
+    for scorer in (score_fn, grad_score_fn):   # a VAE or reward that cannot score these latents: refused now
+        check_scorer(scorer, model, x)
     extra_args = {} if extra_args is None else extra_args
     steps = len(sigmas) - 1
     scheduled = reward_steps(steps, start, end, interval)

@@ -108,7 +108,9 @@ def test_all_in_one_nodes_resize_an_empty_latent_made_for_another_downscale_rati
     accepted = set(spec.get("required", {})) | set(spec.get("optional", {}))
     cond = cm.neutral_conditioning()
     rewards = harness.pack_submodule("rewards")
-    args = {"model": model, "positive": cond, "negative": cond, "latent_image": latent, "vae": cm.ReferenceVAE(),
+    vae = cm.ReferenceVAE()
+    vae.upscale_ratio = vae.downscale_ratio = 16   # the 16x model's VAE: the steering nodes check the VAE's layout
+    args = {"model": model, "positive": cond, "negative": cond, "latent_image": latent, "vae": vae,
             "reward": rewards.LinearColorReward.toward((0.9, 0.2, 0.2)), **widgets}
     with torch.inference_mode():
         out = node.execute(**{k: v for k, v in args.items() if k in accepted})[0]

@@ -355,7 +355,7 @@ def test_steering_window_and_bad_inputs_give_clear_errors(executor):
     mismatched = ksampler_demon_prompt("eps", batch=1)
     mismatched["7"] = {"class_type": "RewardSteerTinyTestModel", "inputs": {"seed": 0, "prompt": "x"}}
     mismatched["3"]["inputs"]["vae"] = ["7", 1]
-    with pytest.raises(RuntimeError, match="VAE decodes 4-channel latents but this model's latents have 3"):
+    with pytest.raises(RuntimeError, match=r"VAE \(TAESD\) decodes 4-channel image latents.*makes 3-channel"):
         executor.run(mismatched)
     # the queue goes on
     run_scores(executor, ksampler_demon_prompt("eps", batch=1, k=2))
