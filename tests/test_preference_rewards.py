@@ -110,7 +110,7 @@ def write_tiny_preference_models(root: Path) -> dict:
     med_config.json + bert-base-uncased/vocab.txt.  Returns the three folders.  Also for tests/test_examples.py."""
     import comfy.sd1_clip
     import open_clip
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
     dirs = {name: root / name for name in ("hps", "pickscore", "image_reward")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -612,13 +612,25 @@ def test_all_three_over_http_from_extra_model_paths(model_dirs, tmp_path):
                          "weight_2": 1.0, "reward_3": ["4", 0], "weight_3": 1.0}},
         "6": {"class_type": "RewardSteerScoreImages", "inputs": {"images": ["1", 0], "reward": ["5", 0],
                                                                  "prompt": "a cat"}},
+        **{f"demon_{kind}": node for kind in KINDS for node in [demon_graph(kind, "", "a cat")["5"]]},
+        "r1": harness.reference_model_node("flow"),
+        "r2": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 2}},
+        "r3": reward_node("hps"), "r4": reward_node("pickscore"), "r5": reward_node("image_reward"),
     }
+    for kind, reward in zip(KINDS, ("r3", "r4", "r5")):      # each reward steers a Demon run
+        inputs = prompt[f"demon_{kind}"]["inputs"]
+        inputs.update(model=["r1", 0], positive=["r1", 2], negative=["r1", 2], latent_image=["r2", 0],
+                      vae=["r1", 1], reward=[reward, 0])
+        prompt[f"save_{kind}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"demon_{kind}", 0],
+                                                                         "filename_prefix": f"demon_{kind}"}}
     with ComfyServer(output_dir=tmp_path / "out", extra_args=["--extra-model-paths-config", str(config)],
                      log_path=tmp_path / "server.log") as server:
         info = server.get("/object_info/RewardSteerPickScoreReward")
         options = info["RewardSteerPickScoreReward"]["input"]["required"]["weights"][1]["options"]
         assert "PickScore_v1/model.safetensors" in options and not any(o.endswith(".json") for o in options)
-        scores = server.run(prompt, timeout=300)["outputs"]["6"]["scores"]
+        history = server.run(prompt, timeout=300)
+    scores = history["outputs"]["6"]["scores"]
+    assert all(history["outputs"][f"save_{kind}"]["latents"] for kind in KINDS)
     imgs = torch.full((2, 40, 40, 3), 0x88 / 255)
     imgs[..., 1], imgs[..., 2] = 0x44 / 255, 0x22 / 255
     expected = sum(load(k)(imgs, ["a cat"]) for k in KINDS)
