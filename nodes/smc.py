@@ -8,6 +8,7 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..samplers.pruning import parse_prune_at, sample_pruned
 from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
@@ -180,6 +181,13 @@ class BestOfN(io.ComfyNode):
                 io.Vae.Input("vae"),
                 io.Int.Input("n", default=4, min=1, max=1024, tooltip="candidates per batch item"),
                 io.String.Input("prompt", default="", multiline=True, optional=True),
+                io.String.Input("prune_at", default="", optional=True,
+                                tooltip="early pruning: fractions of the steps (e.g. 0.3, 0.6) at which every "
+                                        "candidate's clean-image estimate is scored and only the best are kept; "
+                                        "empty = plain best-of-N"),
+                io.Float.Input("keep_fraction", default=1.0, min=0.01, max=1.0, step=0.05, optional=True,
+                               tooltip="share of each item's candidates kept at each pruning step (1 = no pruning: "
+                                       "exactly best-of-N)"),
             ],
             outputs=[io.Latent.Output(display_name="best"), io.Latent.Output(display_name="all"),
                      io.String.Output(display_name="scores_json")],
@@ -187,7 +195,7 @@ class BestOfN(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                reward, vae, n, prompt="") -> io.NodeOutput:
+                reward, vae, n, prompt="", prune_at="", keep_fraction=1.0) -> io.NodeOutput:
         batch = latent_image["samples"].shape[0]
         # candidates laid out candidate-major (like the steering samplers), each aligned with its item's conditioning
         tiled = {key: latent_image[key] for key in DOWNSCALE_KEYS if key in latent_image}
@@ -203,14 +211,24 @@ class BestOfN(io.ComfyNode):
         scorer = make_latent_scorer(vae, reward, [prompt] if prompt else None)
         scorer.check(_Model, fix_empty_latent(model, latent_image))   # a VAE / reward that cannot score: refused now
         sigmas = sigmas_for(model, scheduler, steps, denoise)
-        sampler = ItemAlignedSampler(comfy.samplers.sampler_object(sampler_name), batch)
-        out = run_sampler(model, sampler, sigmas, seed, cfg, positive, negative, tiled)
+        sampler = comfy.samplers.sampler_object(sampler_name)
+        pruning = {}
+        points = parse_prune_at(prune_at, len(sigmas) - 1)
+        if points and keep_fraction < 1.0:   # keep fraction 1 drops nothing: plain best-of-N, bit for bit
+            sampler = comfy.samplers.KSAMPLER(sample_pruned, extra_options={
+                "inner_function": sampler.sampler_function, "inner_options": sampler.extra_options,
+                "score_fn": scorer, "batch": batch,
+                "prune_at": points, "keep_fraction": keep_fraction, "report": pruning.update},
+                inpaint_options=sampler.inpaint_options)
+        out = run_sampler(model, ItemAlignedSampler(sampler, batch), sigmas, seed, cfg, positive, negative, tiled)
         samples = out["samples"]
         scores = scorer(_Model, samples, batch, ComputeCounter(batch=batch))
-        table = scores.reshape(n, batch)
+        table = scores.reshape(-1, batch)   # the survivors of pruning, or all n
         best = table.argmax(dim=0)
         chosen = samples[best * batch + torch.arange(batch)]
         result = {"scores": table.T.tolist(), "best_index": best.tolist(), "best": table.max(0).values.tolist()}
+        if pruning:
+            result.update(pruning)
         show_text_on_node("best of " + str(n) + ": " + ", ".join(f"{v:.4f}" for v in result["best"]))
         return io.NodeOutput({"samples": chosen}, {"samples": samples}, json.dumps(result), ui={"best_of_n": [result]})
 

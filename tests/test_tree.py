@@ -315,3 +315,56 @@ def test_masked_img2img_keeps_the_unmasked_half(executor):
     assert result.shape == encoded.shape == (2, 3, 8, 8)
     assert torch.allclose(result[..., 4:], encoded[..., 4:], atol=1e-4)
     assert not torch.allclose(result[..., :4], encoded[..., :4], atol=1e-2)
+
+
+def best_of_n_prompt(sampler="euler_ancestral", n=4, batch=2, **pruning) -> dict:
+    return {
+        "1": harness.reference_model_node("eps"),
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "8": harness.red_reward_node(),
+        "3": {"class_type": "RewardSteerBestOfN",
+              "inputs": {"model": ["1", 0], "seed": 5, "steps": STEPS, "cfg": 1.0, "sampler_name": sampler,
+                         "scheduler": "normal", "positive": ["1", 2], "negative": ["1", 2], "latent_image": ["2", 0],
+                         "denoise": 1.0, "reward": ["8", 0], "vae": ["1", 1], "n": n, "prompt": "", **pruning}},
+    }
+
+
+def run_best_of_n(executor, **kwargs):
+    out = executor.run(best_of_n_prompt(**kwargs), want=("3",))
+    return out["3"][0][0]["samples"], out["3"][1][0]["samples"], json.loads(out["3"][2][0])
+
+
+def test_pruning_with_keep_fraction_one_is_best_of_n_bit_for_bit(executor):
+    """euler_ancestral (stochastic), n 4, batch 2: pruning points 0.3 and 0.6 with keep fraction 1 give the same
+    best latent, all candidates and scores as plain best-of-N, bit for bit."""
+    plain = run_best_of_n(executor)
+    kept = run_best_of_n(executor, prune_at="0.3, 0.6", keep_fraction=1.0)
+    assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1]) and plain[2] == kept[2]
+
+
+def test_pruning_keeps_the_best_candidates_and_saves_calls(executor):
+    """euler (deterministic), n 8, batch 2, prune at half the steps keeping a quarter: the two survivors per item
+    are the candidates whose clean-image estimates scored highest there, and they finish exactly as in plain
+    best-of-N (the segmented run and the extra scoring call change nothing for them); the run uses
+    8 * 6 + 8 (scoring) + 2 * 6 = 68 model calls per image instead of 96."""
+    plain_best, plain_all, plain_scores = run_best_of_n(executor, sampler="euler", n=8)
+    best, survivors, scores = run_best_of_n(executor, sampler="euler", n=8, prune_at="0.5", keep_fraction=0.25)
+    assert survivors.shape == (4, 3, 8, 8)
+    (step,) = scores["pruning"]
+    assert step["step"] == STEPS // 2 and step["candidates"] == 8 and step["kept"] == 2
+    for b in range(2):
+        ranked = sorted(range(8), key=lambda j: -step["scores"][b][j])
+        assert [slot // 2 for slot in step["kept_slots"][b]] == ranked[:2]
+        assert all(slot % 2 == b for slot in step["kept_slots"][b])
+    slots = torch.tensor(scores["survivor_slots"])
+    assert torch.equal(survivors, plain_all[slots])
+    assert scores["model_calls_per_image"] == 8 * 6 + 8 + 2 * 6
+    # the pruned pick is one of plain best-of-N's candidates, never better than its best
+    assert all(p <= q + 1e-9 for p, q in zip(scores["best"], plain_scores["best"]))
+
+
+def test_bad_pruning_points_are_named(executor):
+    with pytest.raises(RuntimeError, match="prune_at"):
+        run_best_of_n(executor, prune_at="0.5, half", keep_fraction=0.5)
+    with pytest.raises(RuntimeError, match="prune_at"):
+        run_best_of_n(executor, prune_at="1.5", keep_fraction=0.5)
