@@ -2,9 +2,9 @@
 open_clip_torch and transformers, which ComfyUI and the pack already have).
 
 models/hps            HPS_v2_compressed.pt / HPS_v2.1_compressed.pt (open_clip ViT-H-14)
-models/pickscore      the PickScore_v1 folder: config.json, model.safetensors (or pytorch_model.bin),
-                      preprocessor_config.json and the tokenizer files; a weights file is read with the configs
-                      of the folder it is in
+models/pickscore      the PickScore_v1 folder: config.json, model.safetensors (or pytorch_model.bin), and if
+                      present preprocessor_config.json and the tokenizer files; a weights file is read with the
+                      configs of the folder it is in
 models/image_reward   ImageReward.pt, med_config.json and a folder bert-base-uncased/ with BERT's vocab.txt
 """
 from __future__ import annotations
@@ -87,8 +87,9 @@ class PickScoreRewardNode(io.ComfyNode):
             category=CATEGORY,
             description="PickScore: logit scale times the cosine of image and prompt in the PickScore CLIP "
                         "ViT-H/14 (about 18 .. 24). Put the PickScore_v1 folder (huggingface.co/yuvalkirstain/"
-                        "PickScore_v1: config, weights, processor and tokenizer files) in models/pickscore and "
-                        "pick its weights file. Differentiable.",
+                        "PickScore_v1: config.json and the weights; its tokenizer files if it has them, else "
+                        "ComfyUI's CLIP tokenizer is used) in models/pickscore and pick its weights file. "
+                        "Differentiable.",
             inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("pickscore")),
                     text_input(), precision_input()],
             outputs=[Reward.Output(display_name="reward")],

@@ -4,7 +4,9 @@ The score is PickScore's own definition: logit_scale.exp() times the cosine betw
 prompt embeddings (typical values around 20).  The model is the Hugging Face checkpoint folder (PickScore_v1:
 config.json, the weights, preprocessor_config.json and the CLIP tokenizer files), read with `transformers` from
 local files only.  The activation (GELU for PickScore's ViT-H/14) comes from config.json, as transformers builds
-it; the image size and mean/std from preprocessor_config.json when present.
+it; the image size and mean/std from preprocessor_config.json when present (else CLIP's, as LAION's processor
+that PickScore's own code loads).  A folder without tokenizer files uses ComfyUI's copy of the CLIP BPE tokenizer
+(comfy/sd1_tokenizer): OpenAI's and LAION's CLIP share that vocabulary.
 """
 from __future__ import annotations
 
@@ -17,19 +19,16 @@ from .base import Reward
 from .clip_common import (CLIP_MEAN, CLIP_STD, _load_state_dict, clip_preprocess, remembered_text_embeddings,
                           reward_model_dtype)
 
-CONFIG_FILES = ("config.json",)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")   # either the fast tokenizer or the BPE vocabulary (+ merges.txt)
+CONFIG_FILE = "config.json"
 
 
-def missing_files(folder: str) -> list[str]:
-    """The files a PickScore folder lacks (none: it is complete)."""
-    missing = [name for name in CONFIG_FILES if not os.path.isfile(os.path.join(folder, name))]
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
-        missing.append("tokenizer.json (or vocab.json + merges.txt)")
-    elif not os.path.isfile(os.path.join(folder, "tokenizer.json")) and \
-            not os.path.isfile(os.path.join(folder, "merges.txt")):
-        missing.append("merges.txt")
-    return missing
+def tokenizer_folder(folder: str) -> str:
+    """The folder's own tokenizer (tokenizer.json, or vocab.json + merges.txt), else ComfyUI's CLIP tokenizer."""
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    if has("tokenizer.json") or (has("vocab.json") and has("merges.txt")):
+        return folder
+    import comfy.sd1_clip
+    return os.path.join(os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__)), "sd1_tokenizer")
 
 
 class _Towers(torch.nn.Module):
@@ -72,11 +71,10 @@ class PickScoreModel:
         import comfy.model_patcher
         from transformers import AutoTokenizer, CLIPConfig
         folder = os.path.dirname(weights_path)
-        missing = missing_files(folder)
-        if missing:
-            raise FileNotFoundError(f"PickScore needs {', '.join(missing)} beside {os.path.basename(weights_path)} "
-                                    f"in {folder}: copy the whole PickScore_v1 folder (huggingface.co/"
-                                    "yuvalkirstain/PickScore_v1) into models/pickscore/")
+        if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+            raise FileNotFoundError(f"PickScore needs {CONFIG_FILE} beside {os.path.basename(weights_path)} in "
+                                    f"{folder}: copy the PickScore_v1 folder (huggingface.co/yuvalkirstain/"
+                                    "PickScore_v1) into models/pickscore/ and pick its weights file")
         self.source = os.path.basename(weights_path)
         config = CLIPConfig.from_pretrained(folder, local_files_only=True)
         with torch.inference_mode(False):
@@ -87,7 +85,7 @@ class PickScoreModel:
                                  f"config.json: {str(e).splitlines()[-1].strip()}") from None
             self.dtype = reward_model_dtype(precision, comfy.model_management.get_torch_device())
             self.towers = _Towers(model.eval().to(self.dtype))
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True)
         self.image_size, self.mean, self.std = _image_settings(folder, config.vision_config.image_size)
         self.activation = config.vision_config.hidden_act
         self._text_cache: dict[str, torch.Tensor] = {}

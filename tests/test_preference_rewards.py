@@ -182,6 +182,8 @@ def model_dirs(tmp_path_factory, pack):
         no_tokenizer.mkdir()
         shutil.copy(pick / "config.json", no_tokenizer / "config.json")
         shutil.copy(pick / "model.safetensors", no_tokenizer / "model.safetensors")
+        (dirs["pickscore"] / "weights_alone").mkdir()
+        shutil.copy(pick / "model.safetensors", dirs["pickscore"] / "weights_alone" / "model.safetensors")
         narrow = dirs["pickscore"] / "narrow"
         narrow.mkdir()
         for f in pick.iterdir():
@@ -415,6 +417,17 @@ def test_hps_pads_the_short_side_instead_of_cropping(model_dirs):
     assert (reward(imgs, ["a cat"]) - reward(edited, ["a cat"])).abs().item() > 1e-5
 
 
+def test_pickscore_without_tokenizer_files_uses_comfys_clip_tokenizer(model_dirs):
+    """A PickScore folder without tokenizer files tokenizes with ComfyUI's copy of the CLIP BPE tokenizer (the
+    vocabulary of OpenAI's and LAION's CLIP): the same scores as with the files (the test's folder has ComfyUI's
+    files, so equal scores show the fallback is that tokenizer and nothing else changed)."""
+    imgs = images(9, n=2, h=32, w=32)
+    alone = load("pickscore", "no_tokenizer/model.safetensors")
+    assert alone.model.tokenizer.name_or_path.endswith("sd1_tokenizer")
+    assert torch.allclose(alone(imgs, ["a photo of a cat"]), load("pickscore")(imgs, ["a photo of a cat"]),
+                          atol=1e-5)
+
+
 def test_pickscore_reads_a_single_weights_file_with_its_folders_configs(model_dirs):
     full = load("pickscore")
     single = load("pickscore", "PickScore_v1/pickscore_fp16.safetensors")
@@ -503,10 +516,10 @@ def test_missing_files_are_named_with_their_folder(model_dirs):
     with pytest.raises(FileNotFoundError, match=r"put HPS_v2_compressed.pt in models/hps .* HPS_v2.1_compressed.pt"):
         load("hps", "HPS_v2_compressed.pt")
     with pytest.raises(FileNotFoundError) as error:
-        load("pickscore", "no_tokenizer/model.safetensors")
+        load("pickscore", "weights_alone/model.safetensors")
     message = str(error.value)
-    assert "tokenizer.json (or vocab.json + merges.txt)" in message and str(model_dirs["pickscore"] / "no_tokenizer") \
-        in message and "PickScore_v1" in message
+    assert "needs config.json beside model.safetensors in " + str(model_dirs["pickscore"] / "weights_alone") \
+        in message and "huggingface.co/yuvalkirstain/PickScore_v1" in message
     with pytest.raises(FileNotFoundError) as error:
         load("image_reward", "ImageReward-alone.pt")
     message = str(error.value)
