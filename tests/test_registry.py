@@ -14,6 +14,8 @@ EXPECTED_NODE_IDS = {
     "RewardSteerDemonSampler", "RewardSteerKSamplerDemon",
     "RewardSteerSMCSampler", "RewardSteerKSamplerSMC", "RewardSteerBestOfN",
     "RewardSteerManualPickReward",
+    "RewardSteerHPSReward", "RewardSteerPickScoreReward", "RewardSteerImageReward",
+    "RewardSteerTreeSampler", "RewardSteerKSamplerTree",
 }
 
 
