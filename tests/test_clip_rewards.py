@@ -208,6 +208,21 @@ def random_clip_vision_state(model, seed: int) -> dict:
     return state
 
 
+def write_vit_l_clip_vision(path, seed: int) -> None:
+    """A ViT-L/14 CLIP-vision safetensors file in ComfyUI's (OpenAI) key format with seeded fp16 weights -- the
+    smallest CLIP that core CLIPVisionLoader detects (also written for the examples by tests/tiny_models_dir.py)."""
+    import comfy.clip_model
+    import comfy.clip_vision
+    import comfy.ops
+    from safetensors.torch import save_file
+    with open(Path(comfy.clip_vision.__file__).with_name("clip_vision_config_vitl.json")) as f:
+        config = json.load(f)
+    with torch.inference_mode(False):
+        skeleton = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
+        state = random_clip_vision_state(skeleton, seed=seed)
+    save_file(state, str(path))
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_vision(tmp_path_factory):
     """ComfyUI's own ClipVisionModel (what core 'Load CLIP Vision' returns) on a tiny config, seeded weights."""
@@ -323,19 +338,9 @@ def test_vit_l_clip_vision_file_through_core_loader_in_the_executor(executor, mo
     """The real format end to end: a ViT-L/14 CLIP-vision safetensors file (OpenAI key names, seeded fp16 weights)
     in models/clip_vision, loaded by ComfyUI's core CLIPVisionLoader, into the aesthetic reward with a 768-wide
     head, scored by the Score node -- equal to core CLIPVisionEncode's image_embeds through the head by hand."""
-    import comfy.clip_model
-    import comfy.ops
     import folder_paths
-    from safetensors.torch import save_file
     root = tmp_path_factory.mktemp("clip_vision_models")
-    import comfy.clip_vision
-    with open(Path(comfy.clip_vision.__file__).with_name("clip_vision_config_vitl.json")) as f:
-        config = json.load(f)
-    with torch.inference_mode(False):
-        skeleton = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
-        state = random_clip_vision_state(skeleton, seed=7)
-    save_file(state, str(root / "test-vit-l-14.safetensors"))
-    del state
+    write_vit_l_clip_vision(root / "test-vit-l-14.safetensors", seed=7)
     head = tiny_head(model_dirs[1] / "vit-l-test-head.pth", 768, seed=8)
     folder_paths.add_model_folder_path("clip_vision", str(root))
     prompt = {
