@@ -70,7 +70,7 @@ def parse_args(argv=None):
     mode.add_argument("--cpu-fullsize", action="store_true", help="full-size SD1.5 UNet, fp32, on the CPU, 256^2")
     p.add_argument("--out", type=Path, help="JSON path (the plot goes beside it)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="cpu-fullsize: interleaved rounds of plain + steering (default 2)")
+                   help="interleaved rounds of plain + steering (default 2 on cpu-fullsize, else 1)")
     p.add_argument("--sections", default="", help="comma-separated subset: plain,steering,decode,memory_cap,rewards")
     p.add_argument("--families", default="", help="comma-separated subset of the mode's families, e.g. sdxl_1024")
     p.add_argument("--merge", action="store_true",
@@ -295,11 +295,18 @@ def sync() -> None:
 
 def timed(fn):
     """(seconds, result) of fn(), synchronised with the device."""
+    wall, _, out = timed_with_cpu(fn)
+    return wall, out
+
+
+def timed_with_cpu(fn):
+    """(wall seconds, this process's CPU seconds, result) of fn().  On a shared CPU the CPU seconds do not count
+    the time other processes hold the cores, so ratios of them are steadier than ratios of wall times."""
     sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     sync()
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, time.process_time() - c, out
 
 
 class Runner:
@@ -311,6 +318,7 @@ class Runner:
         self.sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), fam.scheduler,
                                                       fam.steps)
         self.per_item: dict[int, float] = {}
+        self.per_item_cpu: dict[int, float] = {}
         self.plain_rows: dict[int, dict] = {}
 
     def sample(self, sampler, batch: int, seed: int = 0, sigmas=None):
@@ -323,12 +331,15 @@ class Runner:
 
     def plain(self, batch: int, repeats: int | None = None) -> dict:
         euler = comfy.samplers.sampler_object("euler")
-        walls = [timed(lambda: self.sample(euler, batch))[0] for _ in range(repeats or self.st.repeats)]
+        times = [timed_with_cpu(lambda: self.sample(euler, batch))[:2] for _ in range(repeats or self.st.repeats)]
+        walls = [w for w, _ in times]
         steps = len(self.sigmas) - 1
-        wall = statistics.median(walls)
+        wall, cpu = statistics.median(walls), statistics.median(c for _, c in times)
         row = {"batch": batch, "seconds_per_call": wall / steps, "seconds_per_item": wall / (steps * batch),
-               "items_per_second": steps * batch / wall, "repeats": len(walls), "wall_seconds": walls}
+               "items_per_second": steps * batch / wall, "repeats": len(walls), "wall_seconds": walls,
+               "cpu_seconds_per_item": cpu / (steps * batch)}
         self.per_item[batch] = row["seconds_per_item"]
+        self.per_item_cpu[batch] = row["cpu_seconds_per_item"]
         self.plain_rows[batch] = row
         return row
 
@@ -337,9 +348,13 @@ class Runner:
             self.plain(batch)
         return self.per_item[batch]
 
-    def expected_seconds(self, calls: list[tuple[int, int]]) -> float:
-        """sum of items x plain per-item time at the call's batch, over (batch size, number of calls)."""
-        return sum(n * size * self.per_item_at(size) for size, n in calls if n)
+    def expected_seconds(self, calls: list[tuple[int, int]], cpu: bool = False) -> float:
+        """sum of items x plain per-item time (wall, or CPU) at the call's batch, over (batch size, number of
+        calls)."""
+        for size, n in calls:
+            self.per_item_at(size)
+        per_item = self.per_item_cpu if cpu else self.per_item
+        return sum(n * size * per_item[size] for size, n in calls if n)
 
 
 @contextlib.contextmanager
@@ -392,14 +407,15 @@ def steering_run(runner: Runner, kind: str, n: int, decoder: str = "latent_rgb",
         options = {"score_fn": score, "particles": n, "lam": 10.0, "output": "best", "report": report}
         fn = smc.sample_smc
     sampler = comfy.samplers.KSAMPLER(fn, extra_options=options)
-    walls, scores, out = [], [], None
+    walls, cpus, scores, out = [], [], [], None
     with recording_chunks(chunks):
         if st.warm_up_each_run:
             runner.sample(sampler, batch)
         for _ in range(repeats or st.repeats):
             score_seconds[0] = 0.0
-            wall, out = timed(lambda: runner.sample(sampler, batch))
+            wall, cpu, out = timed_with_cpu(lambda: runner.sample(sampler, batch))
             walls.append(wall)
+            cpus.append(cpu)
             scores.append(score_seconds[0])
     wall = statistics.median(walls)
     chunk = chunks[-1]
@@ -428,6 +444,9 @@ def steering_run(runner: Runner, kind: str, n: int, decoder: str = "latent_rgb",
         "expected_seconds_from_plain": expected,
         "overhead_ratio": wall / expected,
         "overhead_ratio_excluding_decode_and_score": (wall - statistics.median(scores)) / expected,
+        "cpu_seconds": statistics.median(cpus),
+        "overhead_ratio_cpu_time": statistics.median(cpus) / runner.expected_seconds(base_calls + cand_calls,
+                                                                                     cpu=True),
         "items_per_second": model_items / wall,
         "throughput_share_all_calls": model_items / wall / peak,
         "throughput_share_candidate_calls": cand_items / cand_wall / peak,
@@ -447,12 +466,17 @@ def section(results: dict, name: str, fn):
     try:
         out = fn()
         results[name] = out
-        print(f"    done in {time.perf_counter() - t:.1f}s: {summarise(out)}", flush=True)
-        return out
     except Exception as e:  # noqa: BLE001  (a benchmark section must not take the rest down)
         results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
         print(f"    FAILED after {time.perf_counter() - t:.1f}s: {type(e).__name__}: {e}", flush=True)
         return None
+    else:
+        try:
+            summary = summarise(out)
+        except Exception as e:  # noqa: BLE001  (the console line is a convenience; the JSON is the result)
+            summary = f"(no summary: {type(e).__name__})"
+        print(f"    done in {time.perf_counter() - t:.1f}s: {summary}", flush=True)
+        return out
     finally:
         gc.collect()
         if torch.cuda.is_available():
@@ -462,8 +486,11 @@ def section(results: dict, name: str, fn):
 def summarise(out) -> str:
     rows = out.get("rows") if isinstance(out, dict) else None
     if isinstance(rows, list) and rows and "overhead_ratio" in rows[0]:
-        return ", ".join(f"{r['sampler']} {r['n']}: overhead {r['overhead_ratio']:.3f}, "
-                         f"share {r['throughput_share_candidate_calls']:.2f}" for r in out["rows"])
+        return ", ".join(f"{r['sampler']} {r['n']} {r['decoder']}: overhead {r['overhead_ratio']:.3f}"
+                         + (f" (CPU time {r['overhead_ratio_cpu_time']:.3f})" if "overhead_ratio_cpu_time" in r
+                            else "")
+                         + (f", share {r['throughput_share_candidate_calls']:.2f}"
+                            if "throughput_share_candidate_calls" in r else "") for r in out["rows"])
     if isinstance(out, dict) and "peak_items_per_second" in out:
         return f"peak {out['peak_items_per_second']:.3g} items/s at batch {out['peak_batch']}"
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
@@ -662,21 +689,26 @@ def min_over_rounds(name: str, results: dict) -> dict:
     """Each run's fastest time over the rounds, plain and steering alike, and the overheads from those: on a shared
     CPU the contention changes between rounds, and the minimum is the least disturbed time of each."""
     plains = [results[k]["rows"] for k in results if k.startswith(f"plain:{name}") and "rows" in results[k]]
-    per_item = {}
+    per_item, per_item_cpu = {}, {}
     for rows in plains:
         for r in rows:
             per_item[r["batch"]] = min(per_item.get(r["batch"], math.inf), r["seconds_per_item"])
+            per_item_cpu[r["batch"]] = min(per_item_cpu.get(r["batch"], math.inf), r["cpu_seconds_per_item"])
     rounds = [results[k]["rows"] for k in results if k.startswith(f"steering:{name}") and "rows" in results[k]]
     out = []
     for runs in zip(*rounds):
-        wall = min(r["wall_seconds"] for r in runs)
-        expected = sum(size * count * per_item[size] for size, count in runs[0]["model_calls_by_batch"])
+        wall, cpu = min(r["wall_seconds"] for r in runs), min(r["cpu_seconds"] for r in runs)
+        calls = runs[0]["model_calls_by_batch"]
+        expected = sum(size * count * per_item[size] for size, count in calls)
+        expected_cpu = sum(size * count * per_item_cpu[size] for size, count in calls)
         out.append({key: runs[0][key] for key in ("sampler", "n", "decoder", "model_calls_per_image")} |
                    {"wall_seconds_min": wall, "expected_seconds_from_plain_min": expected,
                     "overhead_ratio": wall / expected,
-                    "overhead_ratio_per_round": [r["overhead_ratio"] for r in runs]})
+                    "overhead_ratio_per_round": [r["overhead_ratio"] for r in runs],
+                    "overhead_ratio_cpu_time": cpu / expected_cpu,
+                    "overhead_ratio_cpu_time_per_round": [r["overhead_ratio_cpu_time"] for r in runs]})
     return {"rounds": len(rounds), "plain_seconds_per_item_min": {str(b): v for b, v in per_item.items()},
-            "rows": out}
+            "plain_cpu_seconds_per_item_min": {str(b): v for b, v in per_item_cpu.items()}, "rows": out}
 
 
 def _build(fam: Family, device) -> dict:
@@ -747,6 +779,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> int:
     args = ARGS
     st = settings_for(args.mode, args.rounds)
+    st.rounds = args.rounds or st.rounds
     if args.mode != "gpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()

@@ -83,6 +83,7 @@ def test_steering_rows_count_calls_and_give_positive_overheads(tiny_report):
             calls = steps + r["n"] * (steps - 1) if r["sampler"] == "demon" else r["n"] * steps
             assert r["model_calls_per_image"] == calls, r
             assert r["overhead_ratio"] > 0 and r["expected_seconds_from_plain"] > 0, r
+            assert r["overhead_ratio_cpu_time"] > 0, r
             assert r["throughput_share_candidate_calls"] > 0 and r["seconds_per_image"] > 0, r
             assert r["output_finite"], r
 
