@@ -44,16 +44,19 @@ def demon_inputs() -> list:
                                "projection (nearly free, approximate: for colour-type rewards)"),
         io.String.Input("prompt", default="", multiline=True, optional=True,
                         tooltip="text for rewards that need the prompt"),
+        io.Float.Input("budget_seconds", default=0.0, min=0.0, max=1_000_000.0, step=0.5, optional=True,
+                       tooltip="maximum seconds per image for steering (0 = no limit); when spent, the remaining "
+                               "steps are plain Euler steps, so the image is still finished"),
     ]
 
 
 def demon_options(reward, vae, k, beta, weighting, tau, estimator, max_rollout_steps, min_sigma, start, end,
-                  chunk_items, budget, decoder="vae", prompt="") -> dict:
+                  chunk_items, budget, decoder="vae", prompt="", budget_seconds=0.0) -> dict:
     return {"score_fn": make_latent_scorer(vae, reward, [prompt] if prompt else None, decoder=decoder), "k": k,
             "beta": beta,
             "weighting": weighting, "tau": tau if tau > 0 else None, "estimator": estimator,
             "max_rollout_steps": max_rollout_steps, "min_sigma": min_sigma, "start": start, "end": end,
-            "chunk_items": chunk_items, "budget": budget}
+            "chunk_items": chunk_items, "budget": budget, "budget_seconds": budget_seconds}
 
 
 def _reported_demon(model, x, sigmas, *args, **kwargs):

@@ -8,6 +8,7 @@ candidates go through the model in memory-sized chunks that keep every item alig
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from tqdm.auto import trange
@@ -105,11 +106,18 @@ def plan_budget(sigmas, steer: list[bool], k: int, estimator: str, max_rollout_s
 def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None, *, score_fn, k: int = 16,
                  beta: float = 0.1, weighting: str = "tanh", tau: float | None = None, estimator: str = "tweedie",
                  max_rollout_steps: int = 20, min_sigma: float = 0.0, start: float = 0.0, end: float = 1.0,
-                 chunk_items: int = 0, budget: float = 0.0, report=None):
+                 chunk_items: int = 0, budget: float = 0.0, budget_seconds: float = 0.0, clock=None, report=None):
     """A ComfyUI sampler function.  score_fn(model, x0, batch, counter, step) -> rewards [n] (samplers/scoring.py).
-    report(dict) receives each step's statistics and, at the end, the totals."""
+    report(dict) receives each step's statistics and, at the end, the totals.  budget_seconds: seconds per image
+    (0 = no limit); once the batch's time (budget_seconds * batch) is spent, the remaining steps are plain Euler
+    steps (one model call each), so the image is still finished.  clock: a time function (tests)."""
     if k < 1:
         raise SteeringInputError(f"K (candidates per step) must be at least 1, got {k}")
+    if not math.isfinite(budget_seconds) or budget_seconds < 0:
+        raise SteeringInputError(f"budget_seconds must be a finite number >= 0 (0 = no limit), got {budget_seconds}")
+    clock = clock or time.monotonic
+    deadline = clock() + budget_seconds * x.shape[0] if budget_seconds > 0 else math.inf
+    out_of_time_at = None
     require_choice("estimator", estimator, ESTIMATORS)
     require_choice("weighting", weighting, WEIGHTINGS)
     check_scorer(score_fn, model, x)   # a VAE or reward that cannot score these latents: refused before sampling
@@ -132,7 +140,9 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(model, x, sigmas[i] * s_in, extra_args, batch, chunk, counter)
-        if steer[i]:
+        if steer[i] and out_of_time_at is None and clock() >= deadline:
+            out_of_time_at = i   # the seconds budget is spent: finish with unsteered steps
+        if steer[i] and out_of_time_at is None:
             noises = torch.randn((k, *x.shape), generator=generator, dtype=torch.float32).to(x)
             candidates = sde_step(x.repeat(k, *([1] * (x.ndim - 1))), denoised.repeat(k, *([1] * (x.ndim - 1))),
                                   sigma, sigma_next, noises.reshape(k * batch, *x.shape[1:]), beta, flow,
@@ -151,7 +161,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
             # not used (the step is deterministic); still drawn, so a seed gives the same noises as before this change
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
             stats = {"step": i, "sigma": sigma, "steered": False}
-        x = sde_step(x, denoised, sigma, sigma_next, noise, beta if steer[i] else 0.0, flow,
+        x = sde_step(x, denoised, sigma, sigma_next, noise, beta if stats["steered"] else 0.0, flow,
                      noise_scale=noise_scale)
         trace.append(stats)
         if report is not None:
@@ -159,6 +169,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
     if report is not None:
-        report({"done": True, "trace": trace, "k": k, "steered_steps": sum(steer), "planned_calls_per_image": planned,
+        report({"done": True, "trace": trace, "k": k, "steered_steps": sum(t["steered"] for t in trace),
+                "planned_calls_per_image": planned, "out_of_time_at_step": out_of_time_at,
                 **counter.per_image()})
     return x

@@ -25,9 +25,10 @@ def linear_reward():
     return harness.pack_submodule("rewards").LinearColorReward.toward(RED)
 
 
-def run_tree(parametrization="eps", batch=ITEMS, seed=0, reward=None, x=None, steps=STEPS, **options):
-    """sample_tree through ComfyUI's sample_custom (its KSAMPLER path) on the reference model.
-    Returns (output latents, the final report, the per-round reports)."""
+def run_tree(parametrization="eps", batch=ITEMS, seed=0, reward=None, x=None, steps=STEPS, sampler=None,
+             **options):
+    """sample_tree (or another sampler function of the pack) through ComfyUI's sample_custom (its KSAMPLER path)
+    on the reference model.  Returns (output latents, the final report, the per-round reports)."""
     import comfy.sample
     import comfy.samplers
     cm = harness.pack_submodule("reference.comfy_model")
@@ -43,7 +44,7 @@ def run_tree(parametrization="eps", batch=ITEMS, seed=0, reward=None, x=None, st
     opts = {"score_fn": scoring.make_latent_scorer(cm.ReferenceVAE(), reward),
             "report": lambda s: summary.update(s) if s.get("done") else rounds.append(s), **options}
     with torch.inference_mode():
-        out = comfy.sample.sample_custom(patcher, noise, 1.0, comfy.samplers.KSAMPLER(tree.sample_tree,
+        out = comfy.sample.sample_custom(patcher, noise, 1.0, comfy.samplers.KSAMPLER(sampler or tree.sample_tree,
                                                                                       extra_options=opts),
                                          sigmas, cond, cond, latent, disable_pbar=True, seed=seed)
     return out, summary, rounds
@@ -368,3 +369,32 @@ def test_bad_pruning_points_are_named(executor):
         run_best_of_n(executor, prune_at="0.5, half", keep_fraction=0.5)
     with pytest.raises(RuntimeError, match="prune_at"):
         run_best_of_n(executor, prune_at="1.5", keep_fraction=0.5)
+
+
+def test_demon_seconds_budget_stops_steering_at_the_limit():
+    """Demon with budget_seconds 20 per image (batch 1), K 4, tweedie, 12 steps, and a fake clock advancing one
+    second per batched model call: a steered step makes 2 (the state, then the 4 candidates in one), so
+    steering stops at step 10, the first whose state is denoised at or after 20 s (21 s); the remaining steps are
+    unsteered, one call each.  Without a budget every step but the last steers."""
+    demon = harness.pack_submodule("samplers.demon")
+    estimators = harness.pack_submodule("samplers.estimators")
+    ticks = [0.0]
+    real = demon.denoise
+
+    def counting_denoise(*args, **kwargs):
+        ticks[0] += 1.0
+        return real(*args, **kwargs)
+
+    demon.denoise, estimators.denoise = counting_denoise, counting_denoise
+    try:
+        _, timed, _ = run_tree("eps", batch=1, seed=1, sampler=demon.sample_demon, k=4, budget_seconds=20.0,
+                               clock=lambda: ticks[0])
+        _, free, _ = run_tree("eps", batch=1, seed=1, sampler=demon.sample_demon, k=4)
+    finally:
+        demon.denoise, estimators.denoise = real, real
+    assert timed["out_of_time_at_step"] == 10
+    assert [t["steered"] for t in timed["trace"]] == [True] * 10 + [False] * 2
+    assert timed["model_calls_per_image"] == 10 * (1 + 4) + 2    # in items: the state and its 4 candidates
+    assert free["out_of_time_at_step"] is None and free["steered_steps"] == STEPS - 1
+    with pytest.raises(demon.SteeringInputError, match="budget_seconds"):
+        run_tree("eps", batch=1, sampler=demon.sample_demon, k=4, budget_seconds=float("inf"))
