@@ -93,7 +93,7 @@ def write_named_files(root: Path, api_graphs, unet_families: dict[str, str]) -> 
             elif folder == "aesthetic":
                 tiny_head(path / name, EMBED_DIM, seed=8)
             elif folder == "clip_vision":
-                write_vit_l_clip_vision(path / name)
+                write_vit_l_clip_vision(path / name, seed=7)
             elif folder == "diffusion_models":
                 family = unet_families.get(name)
                 made = tiny.write_tiny_model_file(family, str(path)) if family else None
