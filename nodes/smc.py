@@ -206,7 +206,7 @@ class BestOfN(io.ComfyNode):
         from ..samplers.model_calls import ComputeCounter
 
         class _Model:  # the scorer only needs the model behind the sampler (latent format, process_latent_out)
-            inner_model = type("G", (), {"inner_model": model.model})()
+            inner_model = type("G", (), {"inner_model": model.model, "model_patcher": model})()
 
         scorer = make_latent_scorer(vae, reward, [prompt] if prompt else None)
         scorer.check(_Model, fix_empty_latent(model, latent_image))   # a VAE / reward that cannot score: refused now

@@ -39,10 +39,18 @@ def _vae_layout(vae) -> tuple:
                        ratio("spacial_compression_decode"), ratio("temporal_compression_decode"))
 
 
-def _model_layout(base_model, latent_shape) -> tuple:
+def latent_format_of(model):
+    """The latent format of the model behind a sampler's `model`, object patches included: its patcher's, which
+    holds them before sampling loads the model too."""
+    patcher = getattr(model.inner_model, "model_patcher", None)
+    if hasattr(patcher, "get_model_object"):
+        return patcher.get_model_object("latent_format")
+    return base_model_of(model).latent_format
+
+
+def _model_layout(fmt, latent_shape) -> tuple:
     """(channels, dims, spatial, temporal) of the model's latents: channels and dims from the latent itself, the
     ratios from its latent format where ComfyUI declares them (newer releases)."""
-    fmt = base_model.latent_format
     return _applicable(latent_shape[1], len(latent_shape) - 2, getattr(fmt, "spacial_downscale_ratio", None),
                        getattr(fmt, "temporal_downscale_ratio", None))
 
@@ -52,17 +60,18 @@ def _applicable(channels, dims, spatial, temporal) -> tuple:
     return (channels, dims, spatial if dims in (2, 3) else None, temporal if dims == 3 else None)
 
 
-def check_vae_matches(vae, base_model, latent_shape) -> None:
-    """Refuse a VAE whose latent layout (channels, time axis, downscale) is not the model's, naming both: a
-    16-channel image VAE (SD3 / Flux TAESD) has a Wan model's channels but no time axis."""
-    vae_l, model_l = _vae_layout(vae), _model_layout(base_model, latent_shape)
+def check_vae_matches(vae, model, latent_shape) -> None:
+    """Refuse a VAE whose latent layout (channels, time axis, downscale) is not the model's (a sampler's `model`),
+    naming both: a 16-channel image VAE (SD3 / Flux TAESD) has a Wan model's channels but no time axis."""
+    fmt = latent_format_of(model)
+    vae_l, model_l = _vae_layout(vae), _model_layout(fmt, latent_shape)
     known = [(v, m) for v, m in zip(vae_l, model_l) if v is not None and m is not None]
     if all(v == m for v, m in known):
         return
     vae_name = type(getattr(vae, "first_stage_model", vae)).__name__
-    model_name = type(base_model).__name__
+    model_name = type(base_model_of(model)).__name__
     raise SteeringInputError(f"the VAE ({vae_name}) decodes {latent_layout(*vae_l)}, but the model ({model_name}, "
-                             f"latent format {type(base_model.latent_format).__name__}) makes "
+                             f"latent format {type(fmt).__name__}) makes "
                              f"{latent_layout(*model_l)}, here of shape {tuple(latent_shape)}: connect the VAE that "
                              "belongs to the model (or a TAESD of the same layout)")
 
@@ -121,12 +130,11 @@ class LatentScorer:
 
     def check(self, model, x: torch.Tensor) -> None:
         """Refuse, before sampling, latents this scorer cannot score (x: the sampler's latent)."""
-        base = base_model_of(model)
         if self.decoder == "latent_rgb":
-            if base.latent_format.latent_rgb_factors is None:
+            if latent_format_of(model).latent_rgb_factors is None:
                 raise SteeringInputError("this model's latent format has no RGB preview factors: use decoder 'vae'")
         else:
-            check_vae_matches(self.vae, base, x.shape)
+            check_vae_matches(self.vae, model, x.shape)
         if x.ndim == 5 and getattr(self.reward, "video", "frame_mean") not in ("frame_mean", "clip"):
             raise SteeringInputError(f"{self.reward.describe()} cannot score video: the latent {tuple(x.shape)} holds "
                                      f"clips of {x.shape[2]} latent frames. Use a reward that scores images (a clip "
