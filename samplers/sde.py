@@ -33,36 +33,59 @@ def _model_sampling(model):
     return model.inner_model.model_patcher.get_model_object("model_sampling")
 
 
-def _adds_noise(model_sampling) -> bool:
-    """Whether ComfyUI's noise_scaling of this model_sampling puts any of the noise into the starting latent (probed
-    on a single number, so it holds for any model type, including ones newer than this pack)."""
+PROBE_SIGMAS = (0.25, 0.5)
+
+
+def _state_law(model_sampling):
+    """[(sigma, a, b)]: ComfyUI's noise_scaling written as x = a x0 + b eps at a few sigmas, probed on single numbers
+    (so it holds for any model type, including ones newer than this pack); None if the probe does not fit."""
+    law = []
     try:
-        probe = model_sampling.noise_scaling(torch.tensor([0.5]), torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
-    except Exception:  # an exotic model_sampling the probe does not fit: assume the usual, noisy sampling
-        return True
-    return bool(torch.as_tensor(probe).abs().sum() > 0)
+        for sigma in PROBE_SIGMAS:
+            s = torch.tensor([sigma])
+            a = model_sampling.noise_scaling(s, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+            b = model_sampling.noise_scaling(s, torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+            law.append((sigma, float(torch.as_tensor(a).flatten()[0]), float(torch.as_tensor(b).flatten()[0])))
+    except Exception:
+        return None
+    return law
 
 
-def require_noisy_sampling(model) -> None:
-    """Refuse models whose sampling adds no noise (core IMG_TO_IMG_FLOW, IMG_TO_IMG_VELOCITY: the sampler starts
-    from the input image and the steps are deterministic), naming the model type."""
+def require_supported_sampling(model) -> None:
+    """Refuse, before any step, models whose noisy state is not one the steering SDE is written for:
+    x = x0 + sigma s eps (eps, v, EDM, Cosmos ... models) or, for CONST (flow) models, x = (1 - sigma) x0 + sigma s eps
+    (s = the noise scale).  That refuses image-to-image sampling that adds no noise (core IMG_TO_IMG_FLOW,
+    IMG_TO_IMG_VELOCITY) and any other law, naming the model type and the law found."""
     model_sampling = _model_sampling(model)
-    if _adds_noise(model_sampling):
+    law = _state_law(model_sampling)
+    if law is None:  # an exotic model_sampling the probe does not fit: assume the usual, noisy sampling
+        return
+    flow, scale = isinstance(model_sampling, comfy.model_sampling.CONST), noise_scale_of(model)
+    std = law[0][2] / law[0][0]   # the noise's std s: b = sigma s at every sigma
+    wrong = [(sigma, a, b) for sigma, a, b in law
+             if abs(a - (1.0 - sigma if flow else 1.0)) > 1e-5 or abs(b - sigma * std) > 1e-5 * max(1.0, abs(std))]
+    if std > 0 and not wrong:
         return
     sampling = next((k.__name__ for k in type(model_sampling).__mro__ if "noise_scaling" in vars(k)),
                     type(model_sampling).__name__)
     model_type = getattr(getattr(model.inner_model.inner_model, "model_type", None), "name", "unknown")
-    what = ("its noise_scale is 0, so its sampling adds no noise" if noise_scale_of(model) == 0 else
-            "is an image-to-image model whose sampling adds no noise")
+    if all(b == 0 for _, _, b in law):
+        what = ("its noise_scale is 0, so its sampling adds no noise" if scale == 0 else
+                "is an image-to-image model whose sampling adds no noise")
+        raise SteeringInputError(
+            f"this model (model type {model_type}, sampling {sampling}) {what}, so there are no noise candidates to "
+            "steer: sample it with a plain sampler (KSampler), not Demon or SMC")
+    sigma, a, b = (wrong or law)[0]
     raise SteeringInputError(
-        f"this model (model type {model_type}, sampling {sampling}) {what}, so there are no noise candidates to "
-        "steer: sample it with a plain sampler (KSampler), not Demon or SMC")
+        f"this model (model type {model_type}, sampling {sampling}) samples states x = {a:.4g} x0 + {b:.4g} eps at "
+        f"sigma {sigma:g}, neither x0 + sigma eps (eps / v models) nor (1 - sigma) x0 + sigma eps (flow models), "
+        "the two laws the steering SDE is written for: sample it with a plain sampler (KSampler), not Demon or SMC")
 
 
 def uses_flow(model) -> bool:
     """True for flow (CONST: SD3, Flux) models.  `model` is what ComfyUI passes to a sampler function.  Every
-    steering sampler asks this first, so it also refuses models whose sampling adds no noise."""
-    require_noisy_sampling(model)
+    steering sampler asks this first, so it also refuses models whose sampling the steering SDE does not cover."""
+    require_supported_sampling(model)
     return isinstance(_model_sampling(model), comfy.model_sampling.CONST)
 
 
@@ -122,8 +145,10 @@ def sde_step(x, denoised, sigma, sigma_next, noise, beta: float, flow: bool, noi
 
 
 def noise_generator(extra_args: dict, offset: int = 0) -> torch.Generator:
-    """A dedicated CPU generator seeded from the prompt's seed: same workflow + seed => same noises."""
-    return torch.Generator(device="cpu").manual_seed(int(extra_args.get("seed", 0)) + offset)
+    """A dedicated CPU generator seeded from the prompt's seed: same workflow + seed => same noises.  Seed + 1, as
+    core's CPU noise sampler: the starting noise (comfy.sample.prepare_noise) is drawn on the CPU from the seed
+    itself, and the steps' fresh noise must not repeat it."""
+    return torch.Generator(device="cpu").manual_seed(int(extra_args.get("seed", 0)) + 1 + offset)
 
 
 @torch.no_grad()

@@ -161,10 +161,15 @@ def test_demo_workflow_over_http_produces_images_and_scores(server):
     # Demon, through the real server, raises the reward well beyond plain sampling
     assert sum(demon_scores) / 16 > sum(plain_scores) / 16 + 0.05
     # same workflow + same seed => same images, recomputed from scratch (caches dropped via /free)
-    server.post("/free", {"free_memory": True, "unload_models": True})
-    time.sleep(1.5)
-    again = server.run(api, timeout=300)
-    cached = [m[1]["nodes"] for m in again["status"]["messages"] if m[0] == "execution_cached"]
+    # ComfyUI's worker applies /free between prompts; when it is busy (its periodic gc on a loaded machine) as the
+    # next prompt arrives, it runs that prompt from the cache first and frees after it.  So ask again if needed.
+    for attempt in range(3):
+        server.post("/free", {"free_memory": True, "unload_models": True})
+        time.sleep(1.5 * (attempt + 1))
+        again = server.run(api, timeout=300)
+        cached = [m[1]["nodes"] for m in again["status"]["messages"] if m[0] == "execution_cached"]
+        if cached and "3" not in cached[0]:
+            break
     assert cached and "3" not in cached[0], cached
     assert again["outputs"][scores_node]["scores"] == outputs[scores_node]["scores"]
     # the demo's own check: plain sampling and FK agree with their exact answers on this host
