@@ -126,7 +126,7 @@ def example_sd15_aesthetic_demon() -> dict:
     """SD1.5 steered by the LAION aesthetic predictor (ViT-L-14 in models/open_clip, head in models/aesthetic)."""
     graph = _text_to_image_demon("v1-5-pruned-emaonly.safetensors", 512, 30, 7.0, 8)
     graph["11"] = {"class_type": "RewardSteerLoadOpenClip",
-                   "inputs": {"architecture": "ViT-L-14", "weights": "open_clip_vit_l_14.safetensors"}}
+                   "inputs": {"architecture": "ViT-L-14-quickgelu", "weights": "open_clip_vit_l_14.safetensors"}}
     graph["5"] = {"class_type": "RewardSteerAestheticReward", "_meta": {"title": "Reward: LAION aesthetic"},
                   "inputs": {"clip": ["11", 0], "head": "sac+logos+ava1-l14-linearMSE.pth"}}
     return graph
@@ -143,7 +143,7 @@ def example_sdxl_clipscore_smc() -> dict:
     """SDXL with SMC / FK steering toward the prompt's CLIP score (the SMC node passes its prompt to the reward)."""
     graph = _text_to_image_demon("sd_xl_base_1.0.safetensors", 1024, 30, 5.0, 4, smc=True)
     graph["11"] = {"class_type": "RewardSteerLoadOpenClip",
-                   "inputs": {"architecture": "ViT-L-14", "weights": "open_clip_vit_l_14.safetensors"}}
+                   "inputs": {"architecture": "ViT-L-14-quickgelu", "weights": "open_clip_vit_l_14.safetensors"}}
     graph["5"] = {"class_type": "RewardSteerClipScoreReward", "_meta": {"title": "Reward: CLIP score vs prompt"},
                   "inputs": {"clip": ["11", 0], "text": "", "negative_text": "blurry, low quality"}}
     graph["6"]["inputs"]["prompt"] = graph["2"]["inputs"]["text"]
