@@ -27,6 +27,9 @@ def host_paths() -> tuple[Path, Path]:
         return Path(os.environ.get("COMFYUI_PYTHON") or sys.executable), Path(os.environ["COMFYUI_DIR"])
     root = Path(os.environ.get("REWARD_STEER_HOST", REPO / ".host"))
     built = [d for d in root.glob("v*") if (d / "ComfyUI" / "main.py").exists() and (d / "venv").is_dir()]
+    for d in built:   # run with a host's own python (.host/v0.3.75/venv/bin/python bench/...): that host
+        if Path(sys.prefix).resolve() == (d / "venv").resolve():
+            return d / "venv" / "bin" / "python", d / "ComfyUI"
     version = lambda d: tuple(int(p) for p in d.name[1:].split(".") if p.isdigit())  # noqa: E731
     host = max(built, key=version) if built else root / "v0.3.75"
     return host / "venv" / "bin" / "python", host / "ComfyUI"
