@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..samplers.pruning import parse_prune_at, sample_pruned
+from ..samplers.pruning import (calls_per_candidate, parse_prune_at, plan_seeds, sample_pruned,
+                                segment_bounds)
 from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
@@ -174,12 +176,18 @@ class BestOfN(io.ComfyNode):
             category=CATEGORY,
             description="Samples N candidates per batch item with consecutive noise (one batched run with any "
                         "sampler), scores them with the reward and keeps the best. The baseline every steering "
-                        "method should beat at equal compute.",
+                        "method should beat at equal compute. Optional early pruning (prune_at, keep_fraction) "
+                        "drops weak seeds partway; spend_saved_calls / max_calls turn the saved calls into more "
+                        "starting seeds within a model-call budget, and budget_seconds stops the search on time "
+                        "with the best so far. scores_json records the starting seeds, the survivors at each "
+                        "pruning step and the model calls spent.",
             inputs=[
                 *ksampler_inputs(sampler_name=True),
                 Reward.Input("reward"),
                 io.Vae.Input("vae"),
-                io.Int.Input("n", default=4, min=1, max=1024, tooltip="candidates per batch item"),
+                io.Int.Input("n", default=4, min=1, max=1024,
+                             tooltip="candidates (starting seeds) per batch item; spend_saved_calls starts more "
+                                     "within n's plain best-of-N calls, and max_calls replaces it"),
                 io.String.Input("prompt", default="", multiline=True, optional=True),
                 io.String.Input("prune_at", default="", optional=True,
                                 tooltip="early pruning: fractions of the steps (e.g. 0.3, 0.6) at which every "
@@ -188,6 +196,22 @@ class BestOfN(io.ComfyNode):
                 io.Float.Input("keep_fraction", default=1.0, min=0.01, max=1.0, step=0.05, optional=True,
                                tooltip="share of each item's candidates kept at each pruning step (1 = no pruning: "
                                        "exactly best-of-N)"),
+                io.Boolean.Input("spend_saved_calls", default=False, optional=True,
+                                 tooltip="start from more seeds than n: as many as keep the pruned run's model "
+                                         "calls per image (the segments plus one scoring call per candidate at each "
+                                         "pruning step) within plain best-of-N's with n. Off: n seeds, and pruning "
+                                         "just saves calls. Changes nothing without pruning (keep_fraction 1); "
+                                         "max_calls, when set, is the budget instead"),
+                io.Int.Input("max_calls", default=0, min=0, max=10_000_000, optional=True,
+                             tooltip="model calls per image (0 = off). Set: the number of starting seeds is the "
+                                     "most whose run (with the pruning above, if any) fits this budget, and n is "
+                                     "ignored; it must be at least one seed's full run (steps x the sampler's calls "
+                                     "per step); the error says the minimum"),
+                io.Float.Input("budget_seconds", default=0.0, min=0.0, max=1_000_000.0, step=0.5, optional=True,
+                               tooltip="seconds per image (0 = off; the batch gets budget_seconds x batch size). "
+                                       "When spent, sampling stops within one model call and the best of the "
+                                       "candidates' current clean-image estimates is returned per item (anytime; "
+                                       "works with or without pruning and call budgets)"),
             ],
             outputs=[io.Latent.Output(display_name="best"), io.Latent.Output(display_name="all"),
                      io.String.Output(display_name="scores_json")],
@@ -195,30 +219,40 @@ class BestOfN(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                reward, vae, n, prompt="", prune_at="", keep_fraction=1.0) -> io.NodeOutput:
+                reward, vae, n, prompt="", prune_at="", keep_fraction=1.0, spend_saved_calls=False, max_calls=0,
+                budget_seconds=0.0) -> io.NodeOutput:
         batch = latent_image["samples"].shape[0]
+        from ..samplers.model_calls import ComputeCounter
+
+        class _Model:  # the scorer only needs the model behind the sampler (latent format, process_latent_out)
+            inner_model = type("G", (), {"inner_model": model.model, "model_patcher": model})()
+
+        if not math.isfinite(budget_seconds) or budget_seconds < 0:
+            raise ValueError(f"budget_seconds must be a finite number >= 0 (0 = off), got {budget_seconds}")
+        scorer = make_latent_scorer(vae, reward, [prompt] if prompt else None)
+        scorer.check(_Model, fix_empty_latent(model, latent_image))   # a VAE / reward that cannot score: refused now
+        sigmas = sigmas_for(model, scheduler, steps, denoise)
+        sampler = comfy.samplers.sampler_object(sampler_name)
+        points = parse_prune_at(prune_at, len(sigmas) - 1)
+        # keep fraction 1 drops nothing: plain best-of-N, bit for bit (one segment, no pruning step)
+        points = points if keep_fraction < 1.0 else []
+        plan = None
+        if max_calls > 0 or spend_saved_calls:
+            plan = plan_best_of_n(sampler, _Model, fix_empty_latent(model, latent_image).shape[1:], sigmas, seed,
+                                  n, points, keep_fraction, max_calls)
+            n = plan["starting_seeds"]
         # candidates laid out candidate-major (like the steering samplers), each aligned with its item's conditioning
         tiled = {key: latent_image[key] for key in DOWNSCALE_KEYS if key in latent_image}
         tiled["samples"] = latent_image["samples"].repeat(n, *([1] * (latent_image["samples"].ndim - 1)))
         if "noise_mask" in latent_image:
             mask = latent_image["noise_mask"]
             tiled["noise_mask"] = mask.repeat(n, *([1] * (mask.ndim - 1))) if mask.shape[0] == batch else mask
-        from ..samplers.model_calls import ComputeCounter
-
-        class _Model:  # the scorer only needs the model behind the sampler (latent format, process_latent_out)
-            inner_model = type("G", (), {"inner_model": model.model, "model_patcher": model})()
-
-        scorer = make_latent_scorer(vae, reward, [prompt] if prompt else None)
-        scorer.check(_Model, fix_empty_latent(model, latent_image))   # a VAE / reward that cannot score: refused now
-        sigmas = sigmas_for(model, scheduler, steps, denoise)
-        sampler = comfy.samplers.sampler_object(sampler_name)
         pruning = {}
-        points = parse_prune_at(prune_at, len(sigmas) - 1)
-        if points and keep_fraction < 1.0:   # keep fraction 1 drops nothing: plain best-of-N, bit for bit
+        if points or plan is not None or budget_seconds > 0:
             sampler = comfy.samplers.KSAMPLER(sample_pruned, extra_options={
                 "inner_function": sampler.sampler_function, "inner_options": sampler.extra_options,
-                "score_fn": scorer, "batch": batch,
-                "prune_at": points, "keep_fraction": keep_fraction, "report": pruning.update},
+                "score_fn": scorer, "batch": batch, "prune_at": points, "keep_fraction": keep_fraction,
+                "budget_seconds": budget_seconds, "report": pruning.update},
                 inpaint_options=sampler.inpaint_options)
         out = run_sampler(model, ItemAlignedSampler(sampler, batch), sigmas, seed, cfg, positive, negative, tiled)
         samples = out["samples"]
@@ -227,10 +261,34 @@ class BestOfN(io.ComfyNode):
         best = table.argmax(dim=0)
         chosen = samples[best * batch + torch.arange(batch)]
         result = {"scores": table.T.tolist(), "best_index": best.tolist(), "best": table.max(0).values.tolist()}
+        result.update(pruning)
+        if plan is not None:
+            result["plan"] = plan
+        text = f"best of {n}: " + ", ".join(f"{v:.4f}" for v in result["best"])
         if pruning:
-            result.update(pruning)
-        show_text_on_node("best of " + str(n) + ": " + ", ".join(f"{v:.4f}" for v in result["best"]))
+            text += (f"\nper image: {pruning['model_calls_per_image']:.0f} model calls, survivors "
+                     + " -> ".join(str(p["candidates"]) for p in pruning["pruning"]) + f" -> {pruning['survivors']}")
+            if pruning["stopped_by"] == "budget_seconds":
+                text += f"\nstopped by budget_seconds at step {pruning['stopped_at_step'] + 1}"
+        show_text_on_node(text)
         return io.NodeOutput({"samples": chosen}, {"samples": samples}, json.dumps(result), ui={"best_of_n": [result]})
+
+
+def plan_best_of_n(sampler, model_view, item_shape, sigmas, seed, n, points, keep_fraction, max_calls) -> dict:
+    """Starting seeds for a model-call budget per image: max_calls, or plain best-of-N's calls with n."""
+    steps = len(sigmas) - 1
+    function, options = sampler.sampler_function, sampler.extra_options
+    (plain_one,), measured = calls_per_candidate(function, options, model_view, item_shape, sigmas, [0, steps], seed)
+    segment_calls, measured_too = calls_per_candidate(function, options, model_view, item_shape, sigmas,
+                                                      segment_bounds(points, steps), seed)
+    budget = max_calls if max_calls > 0 else n * plain_one
+    plan = plan_seeds(segment_calls, keep_fraction if points else 1.0, budget,
+                      what="max_calls" if max_calls > 0 else "n")
+    return {"starting_seeds": plan.seeds, "planned_survivors": plan.survivors, "planned_calls_per_image": plan.calls,
+            "budget_calls_per_image": plan.budget, "budget_from": "max_calls" if max_calls > 0 else "n",
+            "plain_best_of_n_calls_per_image": n * plain_one, "one_seed_calls": plan.minimum,
+            "calls_per_candidate_per_segment": segment_calls, "calls_counted": measured and measured_too,
+            "capped_at_max_seeds": plan.capped}
 
 
 NODES = [SMCSampler, KSamplerSMC, BestOfN]

@@ -35,7 +35,11 @@ def tree_inputs() -> list:
                                "after at least one rollout"),
         io.Int.Input("parallel", default=1, min=1, max=256,
                      tooltip="rollouts per image that share each model call (more = faster on a GPU, a little "
-                             "less informed)"),
+                             "less informed). They are also the selection point: each round's `parallel` final "
+                             "images of an item are scored together in one reward call, so a reward that compares "
+                             "candidates (manual pick, a VLM tournament or ranking) is asked once per round and "
+                             "item about them, and needs parallel >= 2 (manual pick: keep ask_every at 1, every "
+                             "round's images come from the last step)"),
         io.Float.Input("widening", default=1.0, min=0.01, max=1000.0, step=0.1,
                        tooltip="progressive widening: a node may have ceil(widening * visits^alpha) children"),
         io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05,

@@ -37,7 +37,7 @@ import comfy.model_management
 
 from .model_calls import ComputeCounter, denoise, items_per_call
 from .resampling import item_seed
-from .scoring import SteeringInputError, finite_or_flat, require_choice
+from .scoring import SteeringInputError, check_scorer, finite_or_flat, require_choice
 from .sde import fresh_fraction_eta, noise_scale_of, stochastic_step, uses_flow
 
 MODES = ("dts", "dts_star")
@@ -213,6 +213,12 @@ def sample_tree(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             raise SteeringInputError(f"{name} must be a finite number, got {value}")
     if rollouts < 1 or parallel < 1:
         raise SteeringInputError(f"rollouts and parallel must be at least 1, got {rollouts} and {parallel}")
+    reward = getattr(score_fn, "reward", score_fn)
+    if getattr(reward, "compares_candidates", False) and parallel < 2:
+        raise SteeringInputError(
+            f"{reward.describe() if hasattr(reward, 'describe') else 'this reward'} compares an item's candidates, "
+            f"and the tree asks it once per round about that round's `parallel` rollouts of each item: set parallel "
+            f"to at least 2 (got {parallel}); each round then shows that many final images per item")
     if widening <= 0 or not 0 <= alpha <= 1 or not 0 < eta <= 1:
         raise SteeringInputError(f"widening must be > 0, alpha within 0..1 and eta within (0, 1] (eta = 0 makes "
                                  f"every child the same); got {widening}, {alpha}, {eta}")
@@ -224,6 +230,7 @@ def sample_tree(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                                  f"rollout needs {steps} calls ({steps} steps), so set max_calls to at least {steps} "
                                  "(or 0 for no limit)")
     extra_args = {} if extra_args is None else extra_args
+    check_scorer(score_fn, model, x)   # a VAE or reward that cannot score these latents: refused before any call
     batch, last = x.shape[0], steps - 1
     flow, noise_scale = uses_flow(model), noise_scale_of(model)
     seed = int(extra_args.get("seed", 0))
@@ -367,21 +374,35 @@ def _advance(trees, paths, sig, flow, noise_scale, eta, dtype, store, first: boo
         trees[b].x[n] = state.to(store)
 
 
-def _score_and_backup(model, trees, paths, batch, counter, score_fn, mode, lam, steps) -> None:
+def _round_rewards(model, trees, paths, batch, counter, score_fn, steps) -> dict:
+    """{(item, path index): reward} of this round's leaves, in one reward call: the selection point.  Items with
+    fewer paths are padded (candidate-major needs equal counts); a reward that compares candidates is never shown
+    a pad: when a round has pads it is asked item by item, about that item's own leaves only."""
     layout = _layout(paths, batch)
+    step = (steps - 1, steps)
+    compares = getattr(getattr(score_fn, "reward", score_fn), "compares_candidates", False)
+    if compares and any(j < 0 for _, j in layout):
+        rewards = {}
+        for b, item_paths in enumerate(paths):
+            if item_paths:
+                x0 = torch.stack([trees[b].denoised[p["node"]] for p in item_paths])
+                values = score_fn(model, x0, 1, counter, step=step).double()
+                rewards.update({(b, j): float(v) for j, v in enumerate(values)})
+        return rewards
     x0 = torch.stack([trees[b].denoised[paths[b][j]["node"] if j >= 0 else best_or_root(trees[b])]
                       for b, j in layout])
-    rewards = score_fn(model, x0, batch, counter, step=(steps - 1, steps)).double().reshape(-1, batch)
-    clean, ok = finite_or_flat(rewards, "the reward")
-    for slot, (b, j) in enumerate(layout):
-        if j < 0:
-            continue
-        r = float(rewards.reshape(-1)[slot])
+    values = score_fn(model, x0, batch, counter, step=step).double()
+    finite_or_flat(values.reshape(-1, batch), "the reward")   # the NaN warning
+    return {(b, j): float(v) for (b, j), v in zip(layout, values) if j >= 0}
+
+
+def _score_and_backup(model, trees, paths, batch, counter, score_fn, mode, lam, steps) -> None:
+    rewards = _round_rewards(model, trees, paths, batch, counter, score_fn, steps)
+    for (b, j), r in sorted(rewards.items()):
         if not math.isfinite(r):   # no information: the item's mean reward so far (a neutral value)
             known = [v for v in trees[b].reward if v is not None]
             r = sum(known) / len(known) if known else 0.0
         backup(trees[b], paths[b][j]["node"], r, mode, lam)
-    del clean, ok
 
 
 def best_or_root(tree: ItemTree) -> int:

@@ -26,9 +26,10 @@ def linear_reward():
 
 
 def run_tree(parametrization="eps", batch=ITEMS, seed=0, reward=None, x=None, steps=STEPS, sampler=None,
-             **options):
+             score_fn=None, sampler_batch=None, **options):
     """sample_tree (or another sampler function of the pack) through ComfyUI's sample_custom (its KSAMPLER path)
-    on the reference model.  Returns (output latents, the final report, the per-round reports)."""
+    on the reference model.  Returns (output latents, the final report, the per-round reports).
+    sampler_batch: passed to the sampler function as its `batch` (sample_pruned's items)."""
     import comfy.sample
     import comfy.samplers
     cm = harness.pack_submodule("reference.comfy_model")
@@ -41,8 +42,9 @@ def run_tree(parametrization="eps", batch=ITEMS, seed=0, reward=None, x=None, st
     noise = comfy.sample.prepare_noise(latent, seed) if x is None else x
     cond = cm.neutral_conditioning()
     summary, rounds = {}, []
-    opts = {"score_fn": scoring.make_latent_scorer(cm.ReferenceVAE(), reward),
-            "report": lambda s: summary.update(s) if s.get("done") else rounds.append(s), **options}
+    opts = {"score_fn": score_fn or scoring.make_latent_scorer(cm.ReferenceVAE(), reward),
+            "report": lambda s: summary.update(s) if s.get("done") or "pruning" in s else rounds.append(s),
+            **({"batch": sampler_batch} if sampler_batch else {}), **options}
     with torch.inference_mode():
         out = comfy.sample.sample_custom(patcher, noise, 1.0, comfy.samplers.KSAMPLER(sampler or tree.sample_tree,
                                                                                       extra_options=opts),
@@ -337,10 +339,16 @@ def run_best_of_n(executor, **kwargs):
 
 def test_pruning_with_keep_fraction_one_is_best_of_n_bit_for_bit(executor):
     """euler_ancestral (stochastic), n 4, batch 2: pruning points 0.3 and 0.6 with keep fraction 1 give the same
-    best latent, all candidates and scores as plain best-of-N, bit for bit."""
+    best latent, all candidates and scores as plain best-of-N, bit for bit; so does spend_saved_calls on top (no
+    candidate is dropped, so there are no saved calls: 4 starting seeds, 48 calls per image)."""
     plain = run_best_of_n(executor)
     kept = run_best_of_n(executor, prune_at="0.3, 0.6", keep_fraction=1.0)
     assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1]) and plain[2] == kept[2]
+    spent = run_best_of_n(executor, prune_at="0.3, 0.6", keep_fraction=1.0, spend_saved_calls=True)
+    assert torch.equal(plain[0], spent[0]) and torch.equal(plain[1], spent[1])
+    assert all(spent[2][key] == plain[2][key] for key in plain[2])
+    assert spent[2]["starting_seeds"] == 4 and spent[2]["pruning"] == []
+    assert spent[2]["model_calls_per_image"] == spent[2]["plan"]["plain_best_of_n_calls_per_image"] == 4 * STEPS
 
 
 def test_pruning_keeps_the_best_candidates_and_saves_calls(executor):
@@ -398,3 +406,301 @@ def test_demon_seconds_budget_stops_steering_at_the_limit():
     assert free["out_of_time_at_step"] is None and free["steered_steps"] == STEPS - 1
     with pytest.raises(demon.SteeringInputError, match="budget_seconds"):
         run_tree("eps", batch=1, sampler=demon.sample_demon, k=4, budget_seconds=float("inf"))
+
+
+# ---- pruned best-of-N: spending the saved calls, budgets -------------------------------------------------------
+
+def test_plan_spends_the_calls_pruning_saves_on_new_seeds():
+    """The plan before sampling (a pure function).  12 steps, one call per step, pruning at step 6 keeping a
+    quarter: N seeds cost 6N + N (scoring) + 6 ceil(N / 4) calls per image; within plain best-of-8's 96 calls that
+    is 11 seeds (95 calls; 12 would cost 102).  Keep fraction 1 gives exactly n.  Two pruning points halving each
+    time: 10 seeds (87 calls; 11 cost 97).  A budget below one seed's run is refused with the minimum."""
+    pruning = harness.pack_submodule("samplers.pruning")
+    plan = pruning.plan_seeds([6, 6], 0.25, 96)
+    assert (plan.seeds, plan.calls, plan.survivors, plan.minimum) == (11, 95, [11, 3], 12)
+    assert pruning.run_calls(12, [6, 6], 0.25)[0] == 102
+    assert pruning.plan_seeds([6, 6], 1.0, 96).seeds == 8
+    assert pruning.plan_seeds([12], 1.0, 96).seeds == 8
+    two = pruning.plan_seeds([4, 4, 4], 0.5, 96)
+    assert (two.seeds, two.calls, two.survivors) == (10, 87, [10, 5, 3])
+    assert pruning.run_calls(11, [4, 4, 4], 0.5)[0] == 97
+    for budget in (96, 200, 1000):
+        for keep in (0.1, 0.5, 0.9):
+            p = pruning.plan_seeds([3, 5, 4], keep, budget)
+            assert p.calls <= budget < pruning.run_calls(p.seeds + 1, [3, 5, 4], keep)[0]
+    capped = pruning.plan_seeds([1], 1.0, 10 ** 6)
+    assert capped.seeds == pruning.MAX_SEEDS and capped.capped
+    with pytest.raises(pruning.SteeringInputError, match="at least 12"):
+        pruning.plan_seeds([6, 6], 0.5, 11)
+
+
+def test_spend_saved_calls_starts_more_seeds_within_plain_best_of_n_calls(executor):
+    """euler_ancestral, n 8, batch 2, pruning at half the steps keeping a quarter, spend_saved_calls on: 11
+    starting seeds (instead of 8) pruned to 3 per item, 95 model calls per image counted during the run (plain
+    best-of-8: 96); the trace records the seeds, the survivors at the pruning step and the calls.  Without the
+    option the same pruning starts 8 seeds and spends 68."""
+    best, survivors, scores = run_best_of_n(executor, n=8, prune_at="0.5", keep_fraction=0.25,
+                                            spend_saved_calls=True)
+    assert scores["starting_seeds"] == scores["plan"]["starting_seeds"] == 11
+    assert [(p["step"], p["candidates"], p["kept"]) for p in scores["pruning"]] == [(STEPS // 2, 11, 3)]
+    assert scores["model_calls_per_image"] == scores["plan"]["planned_calls_per_image"] == 95
+    assert scores["model_calls_per_image"] <= scores["plan"]["plain_best_of_n_calls_per_image"] == 8 * STEPS
+    assert survivors.shape == (6, 3, 8, 8) and best.shape == (2, 3, 8, 8)
+    assert all(len(row) == 3 for row in scores["scores"])
+    _, _, off = run_best_of_n(executor, n=8, prune_at="0.5", keep_fraction=0.25)
+    assert off["starting_seeds"] == 8 and off["model_calls_per_image"] == 68 and "plan" not in off
+
+
+def test_max_calls_budget_counts_the_samplers_calls_and_names_the_minimum(executor):
+    """max_calls per image sets the starting seeds (n is ignored).  heun makes 2 calls per step but 1 on the last
+    step to sigma 0 (23 calls for a 12-step image); pruning at step 6 keeping half: N seeds cost 12N + N +
+    11 ceil(N / 2), so 100 calls give 5 seeds (98 calls, counted during the run).  Without pruning, 100 calls of
+    euler are plain best-of-8.  A budget below one image's run is refused, saying the minimum (23)."""
+    _, _, heun = run_best_of_n(executor, sampler="heun", n=2, prune_at="0.5", keep_fraction=0.5, max_calls=100)
+    assert heun["plan"]["calls_per_candidate_per_segment"] == [12, 11] and heun["plan"]["calls_counted"]
+    assert heun["starting_seeds"] == 5 and heun["model_calls_per_image"] == 98 <= 100
+    _, everything, plain = run_best_of_n(executor, sampler="euler", n=2, max_calls=100)
+    assert plain["starting_seeds"] == 8 and plain["model_calls_per_image"] == 96
+    assert everything.shape[0] == 8 * 2
+    with pytest.raises(RuntimeError, match="max_calls.*at least 23"):
+        run_best_of_n(executor, sampler="heun", max_calls=22)
+
+
+def test_spend_saved_calls_is_deterministic_and_batch_items_are_independent(executor):
+    """A batch of two encoded images with noise masks where only item 1 differs (white: free; black: kept): with
+    pruning and spend_saved_calls, item 0's pick, its scores and its pruning are bit-identical; the same workflow
+    twice gives the same latent."""
+    from test_demon import img2img_batch_prompt
+    node = best_of_n_prompt(n=6, prune_at="0.3, 0.6", keep_fraction=0.5, spend_saved_calls=True)["3"]
+    node["inputs"]["latent_image"] = ["7", 0]
+    runs = []
+    for colour in (0xFFFFFF, 0x000000, 0x000000):
+        out = executor.run(img2img_batch_prompt(colour, node), want=("9",))
+        runs.append((out["9"][0][0]["samples"], json.loads(out["9"][2][0])))
+    (a, sa), (b, sb), (c, sc) = runs
+    assert sa["starting_seeds"] > 6 and len(sa["pruning"]) == 2
+    assert torch.equal(a[0], b[0]) and sa["scores"][0] == sb["scores"][0]
+    assert [p["scores"][0] for p in sa["pruning"]] == [p["scores"][0] for p in sb["pruning"]]
+    assert not torch.equal(a[1], b[1])
+    assert torch.equal(b, c) and sb == {**sc, "seconds": sb["seconds"]}
+
+
+class Ticking:
+    """A denoiser proxy whose every call takes one second of a fake clock (`ticks`)."""
+
+    def __init__(self, model, ticks):
+        self.__dict__.update(_model=model, _ticks=ticks)
+
+    def __call__(self, *args, **kwargs):
+        out = self._model(*args, **kwargs)
+        self._ticks[0] += 1.0
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_pruned_search_seconds_budget_stops_within_one_model_call():
+    """sample_pruned with budget_seconds 5 per image (2 items: 10 s) on a fake clock where each batched model call
+    takes 1 s: euler_ancestral, 4 candidates per item, 12 steps, pruning at step 6 keeping half.  Calls: steps 0-5
+    (6 s), the pruning step's scoring call (7 s), steps 6, 7, 8 (10 s): the clock reaches the budget at the end of
+    step 8's call, so the run stops there, spending no further model call, and returns the two survivors' clean
+    estimates D(x, sigma_8) of that call, bit for bit.  Without the budget the run finishes (a different latent)."""
+    import comfy.k_diffusion.sampling as kd
+    pruning = harness.pack_submodule("samplers.pruning")
+    ticks, seen = [0.0], []
+
+    def timed_inner(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
+        def record(d):
+            seen.append(d["denoised"].clone())
+            callback(d)
+        return kd.sample_euler_ancestral(Ticking(model, ticks), x, sigmas, extra_args=extra_args, callback=record,
+                                         disable=disable, **kw)
+
+    real_denoise = pruning.denoise_alive
+
+    def ticking_denoise(*args, **kwargs):
+        out = real_denoise(*args, **kwargs)
+        ticks[0] += 1.0
+        return out
+
+    options = dict(sampler=pruning.sample_pruned, batch=8, sampler_batch=2, seed=3, inner_function=timed_inner,
+                   inner_options={}, prune_at=[6], keep_fraction=0.5)
+    pruning.denoise_alive = ticking_denoise
+    try:
+        out, summary, _ = run_tree("eps", budget_seconds=5.0, clock=lambda: ticks[0], **options)
+        calls_when_stopped = ticks[0]
+        ticks[0], seen_timed = 0.0, list(seen)
+        full, free, _ = run_tree("eps", **options)
+    finally:
+        pruning.denoise_alive = real_denoise
+    assert summary["stopped_by"] == "budget_seconds" and summary["stopped_at_step"] == 8
+    assert summary["seconds"] == calls_when_stopped == 10.0
+    assert [(p["step"], p["candidates"], p["kept"]) for p in summary["pruning"]] == [(6, 4, 2)]
+    assert out.shape == (4, 3, 8, 8) and torch.equal(out, seen_timed[-1].to(out))
+    assert free["stopped_by"] == "steps" and free["stopped_at_step"] is None and ticks[0] == STEPS + 1
+    assert not torch.allclose(out, full, atol=1e-3)
+    with pytest.raises(pruning.SteeringInputError, match="budget_seconds"):
+        run_tree("eps", budget_seconds=float("nan"), **options)
+
+
+def test_best_of_n_seconds_budget_on_the_real_clock(executor):
+    """Through the node on the real clock: 2000 euler steps (seconds of work on this CPU) with budget_seconds 0.5
+    per image, batch 1, n 4: the run stops at the budget, within a generous 2 s (a model call here takes
+    milliseconds), returns the best of the candidates' clean estimates, and says where it stopped."""
+    import time
+    prompt = best_of_n_prompt(sampler="euler", batch=1, budget_seconds=0.5)
+    prompt["3"]["inputs"]["steps"] = 2000
+    started = time.monotonic()
+    best, candidates, scores = (lambda out: (out["3"][0][0]["samples"], out["3"][1][0]["samples"],
+                                             json.loads(out["3"][2][0])))(executor.run(prompt, want=("3",)))
+    wall = time.monotonic() - started
+    print(f"stopped at step {scores['stopped_at_step']} after {scores['seconds']:.3f} s (wall {wall:.2f} s)")
+    assert scores["stopped_by"] == "budget_seconds" and 0 < scores["stopped_at_step"] < 1999
+    assert 0.5 <= scores["seconds"] <= 2.5
+    assert candidates.shape == (4, 3, 8, 8) and torch.isfinite(best).all()
+    assert scores["best"] == [max(scores["scores"][0])] and torch.equal(best[0], candidates[scores["best_index"][0]])
+
+
+# ---- the tree with rewards that compare candidates (manual pick, VLM), and the scorer's check -------------------
+
+class ComparingReward:
+    """Scores the red channel's mean, declares that it compares candidates, and records what it was shown."""
+    name, differentiable, linear, needs_prompt, video, compares_candidates = ("comparing", False, False, False,
+                                                                             "frame_mean", True)
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, prompts=None, context=None):
+        self.calls.append((images.clone(), context.groups, context.step))
+        return images[..., 0].mean(dim=(1, 2)) - images[..., 2].mean(dim=(1, 2))
+
+    def describe(self):
+        return "comparing"
+
+
+def test_a_comparing_reward_is_asked_once_per_round_about_real_leaves_only():
+    """DTS*, batch 3, parallel 3, a 100-call budget per image: rounds of 3, 3, 3 leaves per item, then the budget
+    leaves room for one more rollout of item 0 only, so the candidate-major layout pads items 1 and 2 in the last
+    round.  A reward that compares candidates is asked once per round, about that round's real leaves only (all
+    from the last step, at most `parallel` per item, never a pad): 9 + 9 + 9 + 1 images, 28 = the rollouts done."""
+    reward = ComparingReward()
+    _, summary, rounds = run_tree("eps", batch=3, seed=1, reward=reward, mode="dts_star", rollouts=100,
+                                  parallel=3, max_calls=100)
+    assert [r["rollouts"] for r in rounds] == [[3, 3, 3], [6, 6, 6], [9, 9, 9], [10, 9, 9]]
+    assert len(reward.calls) == len(rounds)
+    for images, groups, step in reward.calls:
+        assert step == STEPS - 1
+        assert max(list(groups).count(g) for g in set(groups)) <= 3
+        flat = images.reshape(images.shape[0], -1)
+        assert len({tuple(row.tolist()) for row in flat}) == flat.shape[0], "an image shown twice"
+    assert [c[0].shape[0] for c in reward.calls] == [9, 9, 9, 1] and sum(summary["rollouts"]) == 28
+
+
+def test_parallel_one_is_refused_for_a_comparing_reward_before_any_model_call():
+    tree = harness.pack_submodule("samplers.tree")
+    calls = [0]
+    real = tree.denoise
+    tree.denoise = lambda *a, **k: (calls.__setitem__(0, calls[0] + 1), real(*a, **k))[1]
+    try:
+        with pytest.raises(tree.SteeringInputError, match="parallel to at least 2"):
+            run_tree("eps", batch=2, reward=ComparingReward(), mode="dts_star", rollouts=4, parallel=1)
+    finally:
+        tree.denoise = real
+    assert calls[0] == 0
+
+
+def test_a_vae_of_another_layout_is_refused_before_any_model_call():
+    """The tree runs the scorer's pre-sampling check first: a VAE that decodes 4-channel latents for the reference
+    model's 3-channel ones is refused with the shared message, and the model is never called."""
+    cm = harness.pack_submodule("reference.comfy_model")
+    scoring = harness.pack_submodule("samplers.scoring")
+    tree = harness.pack_submodule("samplers.tree")
+    vae = cm.ReferenceVAE()
+    vae.latent_channels = 4
+    calls = [0]
+    real = tree.denoise
+    tree.denoise = lambda *a, **k: (calls.__setitem__(0, calls[0] + 1), real(*a, **k))[1]
+    try:
+        with pytest.raises(tree.SteeringInputError, match="connect the VAE that belongs to the model"):
+            run_tree("eps", batch=2, score_fn=scoring.make_latent_scorer(vae, linear_reward()), rollouts=2)
+    finally:
+        tree.denoise = real
+    assert calls[0] == 0
+
+
+def manual_pick_tree_prompt(parallel, rollouts=6, batch=2) -> dict:
+    prompt = ksampler_tree_prompt(batch=batch, parallel=parallel, rollouts=rollouts)
+    prompt["8"] = {"class_type": "RewardSteerManualPickReward",
+                   "inputs": {"question": "Pick the reddest", "mode": "pick", "ask_every": 1, "timeout": 60,
+                              "on_timeout": "uniform"}}
+    return prompt
+
+
+def test_manual_pick_on_the_tree_asks_once_per_round_and_item(executor):
+    """KSampler (DTS*) with the Manual Pick Reward, batch 2, 6 rollouts, parallel 3, a helper thread playing the
+    person (always the reddest): exactly 2 rounds x 2 items = 4 grids of 3 final images each (step = the last),
+    and each item's output is a candidate the person picked.  parallel 1 is refused by name before any grid."""
+    import threading
+    import time
+
+    import numpy as np
+    from test_manual_pick import redness
+    node = harness.pack_submodule("nodes.manual_pick")
+    broker = node.broker()
+    seen, stop = [], threading.Event()
+
+    def person():
+        while not stop.is_set():
+            req = broker.pending
+            if req is not None and req.token not in {s[0] for s in seen}:
+                pick = int(np.argmax([redness(p) for p in req.images]))
+                seen.append((req.token, req.item, req.items, len(req.images), req.step))
+                broker.answer({"token": req.token, "prompt_id": req.prompt_id, "client_id": req.client_id,
+                               "selected": [pick]})
+            time.sleep(0.005)
+
+    original = broker.is_connected
+    broker.is_connected = lambda client_id: True      # the executor's client "tests" has no websocket
+    thread = threading.Thread(target=person)
+    thread.start()
+    try:
+        out = executor.run(manual_pick_tree_prompt(parallel=3), want=("3",))
+        with pytest.raises(RuntimeError, match="parallel to at least 2"):
+            executor.run(manual_pick_tree_prompt(parallel=1), want=("3",))
+    finally:
+        stop.set()
+        thread.join(5)
+        broker.is_connected = original
+    trace = json.loads(out["3"][1][0])
+    assert [s[1:] for s in seen] == [(0, 2, 3, STEPS - 1), (1, 2, 3, STEPS - 1)] * 2
+    assert trace["rollouts"] == [6, 6] and trace["output_reward"] == [1.0, 1.0]
+
+
+@pytest.fixture
+def vlm_dirs(tmp_path, monkeypatch):
+    nodes_vlm = harness.pack_submodule("nodes.vlm")
+    monkeypatch.setattr(nodes_vlm, "cache_dir", lambda: str(tmp_path / "vlm_cache"))
+    monkeypatch.setattr(nodes_vlm, "key_file_path", lambda: str(tmp_path / "vlm_keys.json"))
+
+
+def test_the_vlm_ranks_each_rounds_leaves_of_an_item(executor, vlm_dirs):
+    """KSampler (DTS*) with the VLM reward in ranking mode against a scripted OpenAI-compatible server (it ranks by
+    redness), batch 2, 8 rollouts, parallel 4: one request per round and item (2 x 2), each a grid of that round's
+    4 final images; the output is each item's top-ranked leaf."""
+    from test_vlm import ScriptedVLM, text_of, vlm_node_inputs
+    server = ScriptedVLM()
+    try:
+        prompt = ksampler_tree_prompt(parallel=4, rollouts=8)
+        prompt["8"] = {"class_type": "RewardSteerVLMReward",
+                       "inputs": vlm_node_inputs(server.url, mode="ranking", cache=False)}
+        out = executor.run(prompt, want=("3",))
+    finally:
+        server.close()
+    trace = json.loads(out["3"][1][0])
+    assert len(server.requests) == 4
+    assert all("The grid shows 4 images" in text_of(r["body"]) for r in server.requests)
+    assert trace["rollouts"] == [8, 8] and trace["output_reward"] == trace["best_reward"]
+    assert all(r == max(max(rr) for rr in (t["rollout_reward"][b] for t in trace["trace"]))
+               for b, r in enumerate(trace["output_reward"]))
