@@ -112,14 +112,21 @@ def plan_seeds(segment_calls: list[int], keep_fraction: float, budget: int, what
 
 
 class _DryRunModel:
-    """The dry run's denoiser: counts items and returns zeros; every other attribute is the model view's."""
+    """The dry run's denoiser: counts items and returns zeros; every other attribute is the model view's.  The
+    samplers' post-CFG hooks run as CFG would run them (the *_cfg_pp samplers read the uncond prediction there)."""
 
     def __init__(self, view):
         self.__dict__["_view"], self.__dict__["items"] = view, 0
 
     def __call__(self, x, sigma, **kwargs):
         self.__dict__["items"] += x.shape[0]
-        return torch.zeros_like(x)
+        zeros = torch.zeros_like(x)
+        model_options = kwargs.get("model_options") or {}
+        for hook in model_options.get("sampler_post_cfg_function", []):
+            zeros = hook({"denoised": zeros, "cond_denoised": zeros, "uncond_denoised": zeros, "input": x,
+                          "sigma": sigma, "cond_scale": 1.0, "model": None, "cond": None, "uncond": None,
+                          "model_options": model_options})
+        return zeros
 
     def __getattr__(self, name):
         return getattr(self._view, name)

@@ -466,6 +466,33 @@ def test_max_calls_budget_counts_the_samplers_calls_and_names_the_minimum(execut
         run_best_of_n(executor, sampler="heun", max_calls=22)
 
 
+def test_the_dry_run_counts_every_samplers_calls_as_the_real_run_makes_them():
+    """The plan's calls per candidate come from a dry run of the inner sampler on a zero denoiser.  For every core
+    sampler but the adaptive dpm_adaptive (whose number of calls depends on the model's output), in two segments
+    (12 steps, split at step 6), the count is measured (not the one-per-step fallback) and equals the calls the
+    real run makes on the reference model: 1 per step for euler, 2 for heun except the last, the *_cfg_pp samplers
+    included (their post-CFG hook runs in the dry run too)."""
+    import comfy.samplers
+    cm = harness.pack_submodule("reference.comfy_model")
+    pruning = harness.pack_submodule("samplers.pruning")
+    patcher = cm.build_reference_model(cm.ReferenceSpec(parametrization="eps"))
+    view = type("Model", (), {"inner_model": type("Guider", (), {"inner_model": patcher.model,
+                                                                 "model_patcher": patcher})()})
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", STEPS)
+    checked = {}
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        sampler = comfy.samplers.sampler_object(name)
+        if name == "dpm_adaptive" or not hasattr(sampler, "sampler_function"):
+            continue
+        function, options = sampler.sampler_function, sampler.extra_options
+        counted, measured = pruning.calls_per_candidate(function, options, view, (3, 8, 8), sigmas, [0, 6, STEPS])
+        _, real, _ = run_tree("eps", batch=1, seed=1, sampler=pruning.sample_pruned, sampler_batch=1,
+                              inner_function=function, inner_options=options, prune_at=[6], keep_fraction=1.0)
+        checked[name] = (counted, real["model_calls_per_image"])
+        assert measured and sum(counted) == real["model_calls_per_image"], (name, counted, real)
+    assert checked["euler"][0] == [6, 6] and checked["heun"][0] == [12, 11] and "euler_cfg_pp" in checked
+
+
 def test_spend_saved_calls_is_deterministic_and_batch_items_are_independent(executor):
     """A batch of two encoded images with noise masks where only item 1 differs (white: free; black: kept): with
     pruning and spend_saved_calls, item 0's pick, its scores and its pruning are bit-identical; the same workflow
