@@ -104,3 +104,29 @@ def test_memory_cap_chunks_respect_the_cap(tiny_report):
     # one base call per step, and the K candidates of each steered step in ceil(K / chunk) calls
     assert cap["batched_model_calls"] == steps + (steps - 1) * math.ceil(cap["candidates_per_step"] / chunk)
     assert cap["output_finite"]
+
+
+def test_frontier_tiny_run_covers_every_method_with_counted_calls(tmp_path):
+    """bench/frontier.py --tiny end to end: every method on both rewards, calls counted by the samplers (pruned
+    best-of-N within best-of-N's budget, DTS* at one rollout = plain's calls), the targets evaluated, DTS's and
+    FK's law errors beside each other, and every number finite."""
+    out = tmp_path / "frontier.json"
+    env = dict(os.environ, COMFYUI_DIR=str(host_paths()[1]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "frontier.py"), "--tiny", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").exists()
+    bad = [(p, v) for p, v in numbers(report) if not math.isfinite(v)]
+    assert not bad, bad
+    for reward_name, rows in report["reward_vs_calls"].items():
+        families = {r["family"] for r in rows}
+        assert {"best-of-N", "pruned best-of-N", "Demon tweedie", "FK / SMC", "DTS", "DTS*"} <= families
+        calls = {r["config"]: r["model_calls_per_image"] for r in rows}
+        assert calls["plain sampling"] == 30 and calls["DTS*, 1 rollouts"] == 30
+        assert 30 < calls["pruned best-of-N, budget of best-of-4"] <= calls["best-of-4"]
+        targets = report["targets"][reward_name]
+        assert isinstance(targets["target_dts_star_one_fifth_met"], bool)
+        assert targets["pruned_vs_best_of_n"], "pruned best-of-N was not compared at equal calls"
+    methods = {r["method"] for r in report["law_error"]["rows"]}
+    assert methods == {"DTS", "FK / SMC"}
