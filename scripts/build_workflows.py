@@ -8,11 +8,14 @@ validates and that each file still equals its graph here.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_client import REPO, ComfyServer, api_to_ui  # noqa: E402
+from comfy_client import NODE_SIZES, REPO, TITLE_HEIGHT, ComfyServer, api_to_ui  # noqa: E402
+
+MIN_NODE_WIDTH = 300   # narrower nodes cut their widgets' labels
 
 DEMO_LAMBDA = 10.0
 
@@ -303,12 +306,179 @@ WORKFLOWS = {
 }
 
 
+SD15_FILE = "models/checkpoints/v1-5-pruned-emaonly.safetensors (SD 1.5, 4.3 GB; the runwayml / stable-diffusion-v1-5 page)"
+SDXL_FILE = "models/checkpoints/sd_xl_base_1.0.safetensors (SDXL base 1.0, 6.9 GB; stabilityai/stable-diffusion-xl-base-1.0)"
+FLUX_FILES = ("models/diffusion_models/flux1-dev.safetensors (black-forest-labs/FLUX.1-dev), models/text_encoders/"
+              "clip_l.safetensors + t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders), models/vae/ae.safetensors")
+OPEN_CLIP_FILE = ("models/open_clip/open_clip_vit_l_14.safetensors (OpenAI CLIP ViT-L/14 in open_clip format) and "
+                  "models/aesthetic/sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor head)")
+DEMON_KNOBS = ("First knobs: k (candidates per step: cost grows with k), beta (steering strength), min_sigma / start / "
+               "end (which steps are steered), budget (caps model calls per image). decoder = latent_rgb is far "
+               "cheaper than the full VAE when the reward only looks at colour.")
+SMC_KNOBS = ("First knobs: particles (cost grows with them), lam (how hard the reward tilts the result), "
+             "reward_interval (score every n-th step: cheaper), ess_threshold (when to resample).")
+
+
+def _note(shows: str, files: str, knobs: str) -> str:
+    return f"What it shows: {shows}\n\nFiles: {files}\n\n{knobs}"
+
+
+# file -> (the Note shown in the graph, the workflow's one-line description)
+NOTES = {
+    "demo_reference.json": (_note(
+        "the same seed sampled plainly, with Demon and with SMC / FK steering on the built-in reference model, whose "
+        "steered answer is known exactly. Score Images shows each method's mean reward; Exact Target shows the exact "
+        "answer. Steered means should move from the plain mean toward the exact one.",
+        "none: the reference model is built in.",
+        "Change the reward (colour) or lam on Exact Target and SMC together; " + DEMON_KNOBS),
+        "Plain vs Demon vs SMC on the exact reference model, scored and compared with the exact answer"),
+    "example_sd15_demon.json": (_note("SD 1.5 steered by Demon toward warmer colours.", SD15_FILE, DEMON_KNOBS),
+                                "SD 1.5 + Demon toward warmer colours"),
+    "example_sdxl_demon.json": (_note("SDXL steered by Demon toward warmer colours.", SDXL_FILE, DEMON_KNOBS),
+                                "SDXL + Demon toward warmer colours"),
+    "example_flux_demon.json": (_note("Flux (a flow model) with the Demon SAMPLER in SamplerCustomAdvanced, steering "
+                                      "the first 60 % of the steps.", FLUX_FILES, DEMON_KNOBS),
+                                "Flux + Demon sampler in SamplerCustomAdvanced"),
+    "example_sd15_smc.json": (_note("SD 1.5 with SMC / FK steering toward warmer colours.", SD15_FILE, SMC_KNOBS),
+                              "SD 1.5 + SMC / FK steering toward warmer colours"),
+    "example_sdxl_smc.json": (_note("SDXL with SMC / FK steering toward warmer colours.", SDXL_FILE, SMC_KNOBS),
+                              "SDXL + SMC / FK steering toward warmer colours"),
+    "example_flux_smc.json": (_note("Flux with the SMC SAMPLER in SamplerCustomAdvanced.", FLUX_FILES, SMC_KNOBS),
+                              "Flux + SMC sampler in SamplerCustomAdvanced"),
+    "example_sd15_aesthetic_demon.json": (_note("SD 1.5 steered by Demon toward the LAION aesthetic score.",
+                                                SD15_FILE + "; " + OPEN_CLIP_FILE, DEMON_KNOBS),
+                                          "SD 1.5 + Demon toward the LAION aesthetic score (open_clip)"),
+    "example_sd15_aesthetic_clipvision_demon.json": (_note(
+        "the aesthetic reward on ComfyUI's core Load CLIP Vision backbone.",
+        SD15_FILE + "; models/clip_vision/clip_vision_vit_l_14.safetensors (OpenAI CLIP ViT-L/14 vision tower) and "
+        "models/aesthetic/sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor head)", DEMON_KNOBS),
+        "SD 1.5 + Demon toward the LAION aesthetic score (core CLIP vision)"),
+    "example_sdxl_clipscore_smc.json": (_note("SDXL with SMC toward the prompt's CLIP score.",
+                                              SDXL_FILE + "; models/open_clip/open_clip_vit_l_14.safetensors "
+                                              "(OpenAI CLIP ViT-L/14 in open_clip format)", SMC_KNOBS),
+                                        "SDXL + SMC toward the prompt's CLIP score"),
+    "example_reference_vlm_demon.json": (_note(
+        "Demon on the reference model judged by a vision-language model (pairwise tournament, top half = 1).",
+        "none; a running OpenAI-compatible vision server at base_url (vLLM, Ollama, LM Studio; key from the "
+        "environment variable named in api_key_env).", "First knobs: base_url, model, rubric; then k and beta."),
+        "Reference model + Demon judged by a VLM server"),
+    "example_sdxl_vlm_demon.json": (_note("SDXL + Demon with a VLM judging candidates against the prompt.",
+                                          SDXL_FILE + "; an OpenAI-compatible vision server at base_url.",
+                                          "First knobs: base_url, model, rubric; then k and beta."),
+                                    "SDXL + Demon judged by a VLM server"),
+    "example_reference_manual_pick.json": (_note(
+        "you are the reward: at each of the first steps a grid of candidates appears in the page; pick the ones "
+        "you like. If nobody answers within the timeout, the colour reward decides.", "none.",
+        "First knobs: question, ask_every, timeout; k on the sampler is the grid size."),
+        "Reference model + Demon steered by your picks in the page"),
+    "example_sdxl_image_reward_demon.json": (_note(
+        "SDXL + Demon toward ImageReward of the prompt.",
+        SDXL_FILE + "; models/image_reward/ImageReward.pt + med_config.json (THUDM/ImageReward) and "
+        "models/image_reward/bert-base-uncased/vocab.txt (google-bert/bert-base-uncased)", DEMON_KNOBS),
+        "SDXL + Demon toward ImageReward"),
+    "example_flux_pickscore_smc.json": (_note(
+        "Flux + SMC SAMPLER toward PickScore of the prompt.",
+        FLUX_FILES + "; models/pickscore/PickScore_v1/ (the yuvalkirstain/PickScore_v1 folder)", SMC_KNOBS),
+        "Flux + SMC toward PickScore"),
+    "example_sd15_hps_best_of_n.json": (_note(
+        "SD 1.5 best-of-N (seed search) ranked by HPS v2.1 of the prompt.",
+        SD15_FILE + "; models/hps/HPS_v2.1_compressed.pt (xswu/HPSv2)",
+        "First knob: n (candidates per image; cost is n plain runs)."),
+        "SD 1.5 best-of-N ranked by HPS v2.1"),
+}
+assert set(NOTES) == set(WORKFLOWS), set(WORKFLOWS) ^ set(NOTES)
+
+
+# Per node: the bounding box [x, y, w, h] the page draws, title bar included, in graph units.  Classic renderer:
+# LiteGraph's own getBounding(); Vue renderer ("Nodes 2.0"): the node's DOM box mapped through the canvas transform.
+NODE_BOXES_JS = """async (vue) => { const app = window.comfyAPI.app.app, ds = app.canvas.ds; const out = {};
+  const frames = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  for (const n of app.graph._nodes) out[String(n.id)] = {type: n.type, box: Array.from(n.getBounding())};
+  if (vue) for (const n of app.graph._nodes) {   // each node in view at scale 1, so that it is mounted at full detail
+    ds.scale = 1; ds.offset = [60 - n.pos[0], 80 - n.pos[1]]; app.canvas.setDirty(true, true); await frames();
+    const el = document.querySelector(`[data-node-id="${n.id}"]`);
+    if (!el) { out[String(n.id)].missing = true; continue; }
+    const r = el.getBoundingClientRect(), cr = app.canvas.canvas.getBoundingClientRect();
+    out[String(n.id)].box = [(r.left - cr.left) / ds.scale - ds.offset[0], (r.top - cr.top) / ds.scale - ds.offset[1],
+                             r.width / ds.scale, r.height / ds.scale]; }
+  return out; }"""
+VUE_SETTING = "Comfy.VueNodes.Enabled"
+# The whole graph (nodes and groups) in view, `margin` px from the canvas edges, at most at scale 1.
+FIT_VIEW_JS = """(margin) => { const app = window.comfyAPI.app.app, ds = app.canvas.ds;
+  const boxes = app.graph._nodes.map(n => Array.from(n.getBounding()))
+      .concat((app.graph._groups || app.graph.groups || []).map(g => Array.from(g._bounding || g.bounding)));
+  const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
+  const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
+  const cr = app.canvas.canvas.getBoundingClientRect();
+  ds.scale = Math.min(1, (cr.width - 2 * margin) / (x1 - x0), (cr.height - 2 * margin) / (y1 - y0));
+  ds.offset = [margin / ds.scale - x0, margin / ds.scale - y0]; app.canvas.setDirty(true, true); return ds.scale; }"""
+
+
+
+def renderers(page) -> list[bool]:
+    """[False] (classic), plus True where the frontend has the Vue node renderer."""
+    has_vue = page.evaluate(f"() => window.comfyAPI.app.app.extensionManager.setting.get('{VUE_SETTING}') "
+                            "!== undefined")
+    return [False, True] if has_vue else [False]
+
+
+def load_in_renderer(page, workflow: dict, vue: bool) -> dict:
+    """Load a workflow in the page with the classic (vue=False) or Vue node renderer; the node boxes drawn."""
+    page.evaluate(f"async (v) => {{ await window.comfyAPI.app.app.extensionManager.setting.set('{VUE_SETTING}', v); }}",
+                  vue)
+    page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", workflow)
+    page.wait_for_timeout(1000)   # the Vue renderer mounts and measures its nodes after the load
+    return page.evaluate(NODE_BOXES_JS, vue)
+
+
+def measure_node_sizes(info: dict) -> dict:
+    """The smallest size ([w, h] below the title bar) each node type of the examples gets in the page, both
+    renderers, on this host's frontend (REWARD_STEER_FRONTEND_ROOT: another one): every example loaded with
+    its nodes saved at 1 x 1 and far apart."""
+    from playwright.sync_api import sync_playwright
+    import tempfile
+    sizes: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory() as user, ComfyServer(extra_args=["--user-directory", user]) as server, \
+            sync_playwright() as p:
+        (Path(user) / "default").mkdir()
+        (Path(user) / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types"
+                               "?.RewardSteerKSamplerDemon", timeout=120_000)
+        for vue in renderers(page):
+            for graph in WORKFLOWS.values():
+                workflow = api_to_ui(graph(), info)
+                for i, node in enumerate(workflow["nodes"]):
+                    node["pos"], node["size"] = [1000 * i, 0], [1, 1]
+                for node in load_in_renderer(page, workflow, vue).values():
+                    w, h = node["box"][2], node["box"][3] - TITLE_HEIGHT
+                    old = sizes.get(node["type"], [0, 0])
+                    sizes[node["type"]] = [max(old[0], math.ceil(w)), max(old[1], math.ceil(h))]
+        browser.close()
+    return sizes
+
+
 def main() -> int:
+    if "--measure-sizes" in sys.argv:   # merge this frontend's sizes into node_sizes.json (the larger wins)
+        with ComfyServer() as server:
+            info = server.get("/object_info", timeout=120)
+        measured = measure_node_sizes(info)
+        known = json.loads(NODE_SIZES.read_text()) if NODE_SIZES.exists() else {}
+        for ctype, (w, h) in measured.items():
+            old = known.get(ctype, [0, 0])
+            known[ctype] = [max(old[0], w, MIN_NODE_WIDTH), max(old[1], h)]
+        NODE_SIZES.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+        print(f"wrote {NODE_SIZES}")
+        return 0
     with ComfyServer() as server:
         info = server.get("/object_info", timeout=120)
     for filename, graph in WORKFLOWS.items():
         path = REPO / "workflows" / filename
-        path.write_text(json.dumps(api_to_ui(graph(), info), indent=1) + "\n")
+        note, description = NOTES[filename]
+        path.write_text(json.dumps(api_to_ui(graph(), info, note=note, description=description), indent=1) + "\n")
         print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Example workflows name the user's model files, which a test host does not have: such values are not
 # checked against the (empty) file lists.
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
+# Nodes that exist only in the page (no /object_info entry, never part of a prompt).
+VIRTUAL_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
 def host_paths() -> tuple[Path, Path]:
@@ -192,6 +194,8 @@ def validate_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
                                 f"link says {ltype}")
     for node in nodes.values():
         ntype = node["type"]
+        if ntype in VIRTUAL_NODE_TYPES:
+            continue
         info = object_info.get(ntype)
         if info is None:
             problems.append(f"node {node['id']}: unknown node type {ntype!r} (not in /object_info)")
@@ -249,6 +253,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     links = {l[0]: l for l in workflow["links"]}
     api = {}
     for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODE_TYPES:   # the page's own nodes: never sent to the server
+            continue
         if node.get("mode", 0) != 0:
             raise ValueError(f"node {node['id']} ({node['type']}) is muted or bypassed; the converter only handles "
                              "active nodes")
@@ -271,8 +277,108 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return api
 
 
-def api_to_ui(api: dict, object_info: dict, columns: int = 4) -> dict:
-    """Lay out an API-format prompt as a UI-format workflow (for files in workflows/)."""
+# ---- layout of generated workflows ------------------------------------------------------------------------------
+# The page draws a node's title bar above its `pos` (LiteGraph's NODE_TITLE_HEIGHT) and never shrinks a node below
+# the size its widgets need; a larger saved size is kept.  So a layout that saves, for every node, at least the
+# size the frontends need (measured in the browser, scripts/node_sizes.json) is what both renderers draw.
+TITLE_HEIGHT = 30
+NODE_GAP, COLUMN_GAP, GROUP_GAP = 30, 40, 70
+GROUP_PAD, GROUP_TITLE = 20, 50
+MAX_COLUMN_HEIGHT = 1100
+NODE_SIZES = REPO / "scripts" / "node_sizes.json"
+GROUPS = {"model": "#3f789e", "reward": "#a1309b", "steering": "#b06634", "output": "#88a"}
+NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
+STEERING_OUTPUTS = {"SAMPLER", "GUIDER", "NOISE", "SIGMAS"}
+# Room beyond the measured size for what a run adds: image previews, the text a node shows after a run.
+ROOM = {"SaveImage": [300, 280], "PreviewImage": [300, 280], "RewardSteerScoreImages": [300, 330],
+        "RewardSteerReferenceExactTarget": [300, 220]}
+OUTPUT_NODES = {"VAEDecode", "RewardSteerScoreImages", "RewardSteerReferenceExactTarget"}
+
+
+def node_group(class_type: str, info: dict) -> str:
+    """Which of the example groups a node belongs in: model, reward, steering or output."""
+    outputs = set(info.get("output", []))
+    if class_type in OUTPUT_NODES:
+        return "output"
+    if "REWARD" in outputs or class_type in ("RewardSteerLoadOpenClip", "CLIPVisionLoader"):
+        return "reward"
+    if outputs & STEERING_OUTPUTS or "Sampler" in class_type or "BestOfN" in class_type:
+        return "steering"
+    return "output" if info.get("output_node") else "model"
+
+
+def _estimated_size(info: dict) -> list[int]:
+    """A generous size for a node type that node_sizes.json does not list (classic renderer's rule of thumb)."""
+    specs = _input_specs(info)
+    widgets = [(n, t, o) for n, t, o in specs if _is_widget(t, o)]
+    slots = max(len(specs) - len(widgets), len(info.get("output", [])))
+    multiline = sum(1 for _, t, o in widgets if t == "STRING" and o.get("multiline"))
+    return [360, 40 + 24 * slots + 32 * len(widgets) + 90 * multiline]
+
+
+def _node_sizes() -> dict:
+    return json.loads(NODE_SIZES.read_text()) if NODE_SIZES.exists() else {}
+
+
+def _topological(api: dict) -> list[str]:
+    """Node keys, each after every node it reads from (stable in the graph's own order otherwise)."""
+    done, order = set(), []
+
+    def visit(key):
+        if key in done:
+            return
+        done.add(key)
+        for value in api[key]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in api:
+                visit(value[0])
+        order.append(key)
+    for key in api:
+        visit(key)
+    return order
+
+
+def layout(api: dict, object_info: dict, note_size: list[int] | None = None) -> tuple[dict, list[dict], list]:
+    """Positions and sizes of the nodes, in groups laid out left to right (model, reward, steering, output), each
+    group's nodes in columns of at most MAX_COLUMN_HEIGHT; a Note (note_size) first, left of the groups.
+    Returns ({key: (pos, size)}, groups, note (pos, size) or None)."""
+    sizes = _node_sizes()
+    members = {g: [] for g in GROUPS}
+    for key in _topological(api):
+        ctype = api[key]["class_type"]
+        members[node_group(ctype, object_info[ctype])].append(key)
+    placed, groups = {}, []
+    x = 0
+    note = None
+    if note_size is not None:
+        note = ([x, TITLE_HEIGHT], note_size)
+        x += note_size[0] + GROUP_GAP
+    for name, keys in members.items():
+        if not keys:
+            continue
+        left, top = x + GROUP_PAD, GROUP_TITLE + TITLE_HEIGHT
+        col_x, y, col_w = left, top, 0
+        for key in keys:
+            ctype = api[key]["class_type"]
+            w, h = sizes.get(ctype) or _estimated_size(object_info[ctype])
+            room = ROOM.get(ctype, [0, 0])
+            w, h = max(w, room[0]), max(h, room[1])
+            if y > top and y + h > top + MAX_COLUMN_HEIGHT:   # a new column
+                col_x, y, col_w = col_x + col_w + COLUMN_GAP, top, 0
+            placed[key] = ([col_x, y], [w, h])
+            y += h + TITLE_HEIGHT + NODE_GAP
+            col_w = max(col_w, w)
+        right = col_x + col_w + GROUP_PAD
+        bottom = max(p[1] + s[1] for k, (p, s) in placed.items() if k in keys) + GROUP_PAD
+        groups.append({"id": len(groups) + 1, "title": name, "bounding": [x, 0, right - x, bottom],
+                       "color": GROUPS[name], "font_size": 24, "flags": {}})
+        x = right + GROUP_GAP
+    return placed, groups, note
+
+
+def api_to_ui(api: dict, object_info: dict, note: str | None = None, description: str | None = None) -> dict:
+    """Lay out an API-format prompt as a UI-format workflow (for files in workflows/): nodes in the groups
+    "model", "reward", "steering" and "output", a Note node with `note` (last in the node list), and `description`
+    saved in the workflow's `extra`."""
     nodes, links = [], []
     ids = {k: int(k) for k in api}
     out_links: dict[tuple[int, int], list[int]] = {}
@@ -284,6 +390,8 @@ def api_to_ui(api: dict, object_info: dict, columns: int = 4) -> dict:
                 ltype = object_info[api[value[0]]["class_type"]]["output"][value[1]]
                 links.append([link_id, src, value[1], ids[key], None, ltype])
                 out_links.setdefault((src, value[1]), []).append(link_id)
+    note_size = [420, 40 + 19 * sum(1 + len(line) // 52 for line in note.splitlines())] if note else None
+    placed, groups, note_place = layout(api, object_info, note_size)
     for index, (key, node) in enumerate(api.items()):
         info = object_info[node["class_type"]]
         specs = _input_specs(info)
@@ -309,11 +417,21 @@ def api_to_ui(api: dict, object_info: dict, columns: int = 4) -> dict:
                     values.append("fixed")
         outputs = [{"name": info["output_name"][i], "type": t, "slot_index": i,
                     "links": out_links.get((ids[key], i), [])} for i, t in enumerate(info["output"])]
-        nodes.append({"id": ids[key], "type": node["class_type"], "pos": [40 + 360 * (index % columns),
-                                                                          40 + 330 * (index // columns)],
-                      "size": [320, 260], "flags": {}, "order": index, "mode": 0, "inputs": inputs,
+        pos, size = placed[key]
+        nodes.append({"id": ids[key], "type": node["class_type"], "pos": pos, "size": size, "flags": {},
+                      "order": index, "mode": 0, "inputs": inputs,
                       "outputs": outputs, "properties": {"Node name for S&R": node["class_type"]},
                       "widgets_values": values,
                       **({"title": node["_meta"]["title"]} if node.get("_meta", {}).get("title") else {})})
-    return {"last_node_id": max(ids.values()), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    last_id = max(ids.values())
+    if note:
+        last_id += 1
+        nodes.append({"id": last_id, "type": "Note", "title": "About this workflow", "pos": note_place[0],
+                      "size": note_place[1], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
+                      "outputs": [], "properties": {}, "widgets_values": [note], "color": NOTE_COLOR,
+                      "bgcolor": NOTE_BGCOLOR})
+    extra = {"ds": {"scale": 0.8, "offset": [40, 40]}}
+    if description:
+        extra["description"] = description
+    return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": groups, "config": {}, "extra": extra, "version": 0.4}

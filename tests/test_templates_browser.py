@@ -4,13 +4,73 @@ under the pack's name, and choosing one loads its graph.  ComfyUI serves `workfl
 host, and again against the newest comfyui-frontend-package (scripts/test.sh)."""
 from __future__ import annotations
 
+import itertools
 import json
 
-from comfy_client import REPO
+import pytest
+
+from build_workflows import FIT_VIEW_JS, load_in_renderer, renderers
+from comfy_client import REPO, node_group
 from test_manual_pick_browser import READY_JS, browser, comfy  # noqa: F401  (fixtures)
 
 PACK_NAME = "comfyui-reward-steering"
 TEMPLATES = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+GRAPHS = REPO / "test-artifacts" / "graphs"
+GROUP_TITLES = {"model", "reward", "steering", "output"}
+
+def overlaps(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def inside(box, outer) -> bool:
+    return (outer[0] <= box[0] and box[0] + box[2] <= outer[0] + outer[2] and
+            outer[1] <= box[1] and box[1] + box[3] <= outer[1] + outer[3])
+
+
+@pytest.fixture(scope="module")
+def page(browser, comfy):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(comfy.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function(READY_JS, timeout=120_000)
+    page.wait_for_timeout(500)
+    if page.query_selector(".p-dialog"):
+        page.keyboard.press("Escape")
+    yield page
+    page.close()
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_example_graph_reads_at_a_glance_in_every_renderer(page, comfy, name):  # noqa: F811
+    """Loaded in the page, in the classic renderer and (where the frontend has it) the Vue node renderer: no two
+    nodes overlap as drawn; every node sits inside the group named for its role (model / reward / steering /
+    output); one Note says what the graph shows; the workflow has a description.  A screenshot of each is kept."""
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    assert workflow["extra"].get("description"), "no workflow-level description"
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and "What it shows" in notes[0]["widgets_values"][0]
+    assert {g["title"] for g in workflow["groups"]} <= GROUP_TITLES
+    GRAPHS.mkdir(parents=True, exist_ok=True)
+    checked = []
+    for vue in renderers(page):
+        renderer = "vue" if vue else "classic"
+        boxes = load_in_renderer(page, workflow, vue)
+        assert not [b for b in boxes.values() if b.get("missing")], f"{renderer}: nodes not drawn"
+        assert sorted(b["type"] for b in boxes.values()) == sorted(n["type"] for n in workflow["nodes"])
+        clashes = [(f"{a} {boxes[a]['type']}", f"{b} {boxes[b]['type']}")
+                   for a, b in itertools.combinations(boxes, 2) if overlaps(boxes[a]["box"], boxes[b]["box"])]
+        assert clashes == [], f"{name}, {renderer} renderer: overlapping nodes {clashes}"
+        groups = {g["title"]: g["bounding"] for g in workflow["groups"]}
+        for node_id, b in boxes.items():
+            if b["type"] == "Note":
+                assert not any(overlaps(b["box"], g) for g in groups.values())
+                continue
+            role = node_group(b["type"], comfy.object_info[b["type"]])
+            assert inside(b["box"], groups[role]), f"{name}, {renderer}: node {node_id} {b['type']} outside {role}"
+        page.evaluate(FIT_VIEW_JS, 20)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(GRAPHS / f"{name}-{renderer}.png"))
+        checked.append(renderer)
+    assert "classic" in checked
 
 
 def test_server_lists_the_example_workflows_as_the_packs_templates(comfy):  # noqa: F811
