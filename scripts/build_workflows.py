@@ -319,6 +319,20 @@ SMC_KNOBS = ("First knobs: particles (cost grows with them), lam (how hard the r
              "reward_interval (score every n-th step: cheaper), ess_threshold (when to resample).")
 
 
+def _cheap_decoder(graph: dict) -> dict:
+    """A colour reward reads colours only, so a steering node scoring one on a real model decodes its candidates
+    with the latent-RGB preview factors instead of the full VAE (far cheaper). The reference model keeps the VAE:
+    its latent format has no RGB factors."""
+    if any(node["class_type"] == "RewardSteerReferenceModel" for node in graph.values()):
+        return graph
+    for node in graph.values():
+        reward = node["inputs"].get("reward")
+        if "decoder" in node["inputs"] and isinstance(reward, list) \
+                and graph[reward[0]]["class_type"] == "RewardSteerColorReward":
+            node["inputs"]["decoder"] = "latent_rgb"
+    return graph
+
+
 def _note(shows: str, files: str, knobs: str) -> str:
     return f"What it shows: {shows}\n\nFiles: {files}\n\n{knobs}"
 
@@ -478,7 +492,7 @@ def main() -> int:
     for filename, graph in WORKFLOWS.items():
         path = REPO / "workflows" / filename
         note, description = NOTES[filename]
-        path.write_text(json.dumps(api_to_ui(graph(), info, note=note, description=description), indent=1) + "\n")
+        path.write_text(json.dumps(api_to_ui(_cheap_decoder(graph()), info, note=note, description=description), indent=1) + "\n")
         print(f"wrote {path}")
     return 0
 
