@@ -16,6 +16,7 @@ from tqdm.auto import trange
 from .estimators import ESTIMATORS, estimate_x0, rollout_cost, schedule_span
 from .model_calls import ComputeCounter, denoise, items_per_call
 from .scoring import SteeringInputError, check_scorer, finite_or_flat, require_choice
+from . import live
 from .sde import noise_generator, noise_scale_of, sde_step, uses_flow
 
 WEIGHTINGS = ("tanh", "boltzmann")
@@ -154,6 +155,8 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
             weights = demon_weights(clean, weighting, tau)
             weights = torch.where(ok[None, :], weights, torch.ones_like(weights)).to(x)
             noise = combine_noises(noises, weights)
+            live.publish(model, x0, clean, weights, weights > 0, kind="demon", step=i, steps=len(sigmas) - 1,
+                         mark_name="kept")
             stats = {"step": i, "sigma": sigma, "steered": True, "k": k,
                      "reward_mean": clean.mean(0).tolist(), "reward_std": clean.std(0, unbiased=False).tolist(),
                      "reward_max": clean.max(0).values.tolist()}

@@ -31,6 +31,7 @@ from .model_calls import ComputeCounter, allow_gradients_through, base_model_of,
 from .resampling import (RESAMPLERS, effective_sample_size, item_generators, normalise_log_weights,
                          resample_indices, weighted_draw)
 from .scoring import SteeringInputError, check_scorer, finite_or_flat, require_choice
+from . import live
 from .sde import fresh_fraction_eta, noise_generator, noise_scale_of, step_mean_std, uses_flow
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
@@ -212,6 +213,7 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
         else:
             xs = (mean + std * noise).to(xs.dtype)
         ess = effective_sample_size(pop.log_w)
+        log_w_before = pop.log_w.clone()   # the weights the particles had when scored (the live view shows them)
         stats["ess"] = ess.tolist()
         resampled = torch.zeros(batch, dtype=torch.bool)
         if scheduled[i] and not final:
@@ -224,6 +226,9 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
                 pop.log_w = torch.where(resampled[:, None], pop.log_w, log_w_kept)
                 xs = xs[flat_ancestors(idx).to(xs.device)]
         stats["resampled"] = resampled.tolist()
+        if scheduled[i]:
+            live.publish(model, denoised, r.T, torch.softmax(log_w_before, dim=1).T, resampled[None, :].expand(n, -1),
+                         kind="smc", step=i, steps=steps, mark_name="resampled")
         trace.append(stats)
         if report is not None:
             report(stats)

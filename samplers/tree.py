@@ -38,6 +38,7 @@ import comfy.model_management
 from .model_calls import ComputeCounter, denoise, items_per_call
 from .resampling import item_seed
 from .scoring import SteeringInputError, check_scorer, finite_or_flat, require_choice
+from . import live
 from .sde import fresh_fraction_eta, noise_scale_of, stochastic_step, uses_flow
 
 MODES = ("dts", "dts_star")
@@ -393,6 +394,9 @@ def _round_rewards(model, trees, paths, batch, counter, score_fn, steps) -> dict
                       for b, j in layout])
     values = score_fn(model, x0, batch, counter, step=step).double()
     finite_or_flat(values.reshape(-1, batch), "the reward")   # the NaN warning
+    table = values.reshape(-1, batch)   # the live view: this round's leaves, the best marked
+    live.publish(model, x0, table, torch.full_like(table, 1.0 / table.shape[0]), table == table.max(0).values,
+                 kind="tree", step=step[0], steps=steps, mark_name="best")
     return {(b, j): float(v) for (b, j), v in zip(layout, values) if j >= 0}
 
 
