@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import comfy.sample
 import comfy.samplers
@@ -127,45 +126,14 @@ class TraceRecorder:
         return json.dumps(self.summary or {})
 
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-
-
 def plot_panels(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], width: int = 640,
                 panel_height: int = 240) -> torch.Tensor:
-    """Line plots stacked vertically as an IMAGE [1, H, W, 3]; each panel: (title, {series name: [(x, y), ...]})."""
-    img = Image.new("RGB", (width, panel_height * len(panels)), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (title, series) in enumerate(panels):
-        top0 = p * panel_height
-        left, right, top, bottom = 60, width - 20, top0 + 28, top0 + panel_height - 40
-        draw.text((left, top0 + 8), title, fill="black")
-        draw.rectangle([left, top, right, bottom], outline="black")
-        points = [pt for values in series.values() for pt in values]
-        if not points:
-            draw.text((left + 10, top + 10), "nothing to plot", fill="black")
-            continue
-        x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
-        y0, y1 = min(y for _, y in points), max(y for _, y in points)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-        for k, (name, values) in enumerate(series.items()):
-            colour = COLOURS[k % len(COLOURS)]
-            xy = [(left + (right - left) * (x - x0) / (x1 - x0), bottom - (bottom - top) * (y - y0) / (y1 - y0))
-                  for x, y in values]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for px, py in xy:
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            draw.text((left + 8 + 200 * k, bottom + 8), name, fill=colour)
-        draw.text((4, top - 4), f"{y1:.3g}", fill="black")
-        draw.text((4, bottom - 8), f"{y0:.3g}", fill="black")
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-
-
-def batch_mean_series(trace: list[dict], key: str) -> list[tuple[float, float]]:
-    return [(t["step"], float(np.mean(t[key]))) for t in trace if key in t]
+    """Line charts stacked vertically as an IMAGE [1, H, W, 3]; each panel: (title, {series name: [(x, y), ...]})."""
+    from .plots import panels_figure, to_image
+    return to_image(panels_figure(panels, width_px=width, panel_height_px=panel_height))
 
 
 def plot_trace(trace: list[dict], title: str) -> torch.Tensor:
-    """Demon's reward per step: candidate mean and best candidate, averaged over the batch."""
-    return plot_panels([(title, {"candidate mean reward": batch_mean_series(trace, "reward_mean"),
-                                 "best candidate": batch_mean_series(trace, "reward_max")})])
+    """Demon's reward per step: one line per batch item, the batch mean, and the candidates' spread."""
+    from .plots import demon_figure, to_image
+    return to_image(demon_figure(trace, title))

@@ -15,8 +15,8 @@ from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
 from ..samplers.model_calls import align_conds_with_items
-from .sampling import (DOWNSCALE_KEYS, TraceRecorder, batch_mean_series, fix_empty_latent, ksampler_inputs,
-                       plot_panels, run_sampler, run_steering_ksampler, show_text_on_node, sigmas_for)
+from .sampling import (DOWNSCALE_KEYS, TraceRecorder, fix_empty_latent, ksampler_inputs, run_sampler,
+                       run_steering_ksampler, show_text_on_node, sigmas_for)
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -89,10 +89,11 @@ class SMCRecorder(TraceRecorder):
             show_text_on_node(format_smc_step(stats, self.total_steps))
 
 
-def plot_smc(trace: list[dict], title: str) -> torch.Tensor:
-    return plot_panels([(title, {"particle mean reward": batch_mean_series(trace, "reward_mean"),
-                                 "best particle": batch_mean_series(trace, "reward_max")}),
-                        ("effective sample size", {"ESS": batch_mean_series(trace, "ess")})])
+def plot_smc(trace: list[dict], title: str, ess_threshold: float | None = None,
+             particles: int | None = None) -> torch.Tensor:
+    """Reward per item and batch mean; ESS with the resampling threshold and the resampling events."""
+    from .plots import smc_figure, to_image
+    return to_image(smc_figure(trace, title, ess_threshold, particles))
 
 
 def _reported_smc(model, x, sigmas, *args, **kwargs):
@@ -143,7 +144,8 @@ class KSamplerSMC(io.ComfyNode):
         if out["samples"].shape[0] != latent_image["samples"].shape[0]:
             out.pop("noise_mask", None)  # "all" returns every particle; a per-item mask no longer lines up
             out.pop("batch_index", None)
-        plot = plot_smc(trace, f"SMC: reward per step ({steering['reward'].describe()})")
+        plot = plot_smc(trace, f"SMC: reward per step ({steering['reward'].describe()})",
+                        steering["ess_threshold"], steering["particles"])
         return io.NodeOutput(out, recorder.json(), plot, ui={"smc": [totals]})
 
 

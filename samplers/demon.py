@@ -159,7 +159,7 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
                          mark_name="kept")
             stats = {"step": i, "sigma": sigma, "steered": True, "k": k,
                      "reward_mean": clean.mean(0).tolist(), "reward_std": clean.std(0, unbiased=False).tolist(),
-                     "reward_max": clean.max(0).values.tolist()}
+                     "reward_min": clean.min(0).values.tolist(), "reward_max": clean.max(0).values.tolist()}
         else:
             # not used (the step is deterministic); still drawn, so a seed gives the same noises as before this change
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
