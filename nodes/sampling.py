@@ -6,7 +6,6 @@ import functools
 import inspect
 import json
 
-import numpy as np
 import torch
 
 import comfy.sample
