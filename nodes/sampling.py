@@ -126,10 +126,10 @@ class TraceRecorder:
 
 
 def plot_panels(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], width: int = 640,
-                panel_height: int = 240) -> torch.Tensor:
+                panel_height: int = 240, xlabel: str = "step", ylabels: list[str] | None = None) -> torch.Tensor:
     """Line charts stacked vertically as an IMAGE [1, H, W, 3]; each panel: (title, {series name: [(x, y), ...]})."""
     from .plots import panels_figure, to_image
-    return to_image(panels_figure(panels, width_px=width, panel_height_px=panel_height))
+    return to_image(panels_figure(panels, xlabel, ylabels, width_px=width, panel_height_px=panel_height))
 
 
 def plot_trace(trace: list[dict], title: str) -> torch.Tensor:

@@ -85,7 +85,8 @@ def plot_tree(trace: list[dict], title: str):
                for t in trace if any(t["rollout_reward"])]
     nodes = [(float(np.mean(t["model_calls"])), float(np.mean(t["tree_nodes"]))) for t in trace]
     return plot_panels([(title + " vs model calls per image", {"best reward": best, "rollout reward": rollout}),
-                        ("tree nodes vs model calls per image", {"tree nodes": nodes})])
+                        ("tree nodes vs model calls per image", {"tree nodes": nodes})],
+                       xlabel="model calls per image", ylabels=["reward", "tree nodes"])
 
 
 def _reported_tree(model, x, sigmas, *args, **kwargs):
