@@ -52,7 +52,8 @@ def _per_item_lines(ax, steps: list[int], rows: np.ndarray, label: str) -> None:
 def _series(trace: list[dict], key: str) -> tuple[list[int], list[float], np.ndarray]:
     rows = [t for t in trace if key in t]
     return ([int(t["step"]) for t in rows], [float(t.get("sigma", np.nan)) for t in rows],
-            np.asarray([t[key] for t in rows], dtype=np.float64).reshape(len(rows), -1))
+            np.asarray([t[key] for t in rows], dtype=np.float64).reshape(len(rows), -1) if rows
+            else np.zeros((0, 0)))   # no steered / scored step (K = 1, one particle): an empty chart
 
 
 def demon_figure(trace: list[dict], title: str, width_px: int = 640, height_px: int = 360):
