@@ -70,10 +70,15 @@ class LoadOpenClip(io.ComfyNode):
             inputs=[io.Combo.Input("architecture", options=open_clip.list_models(), default="ViT-L-14-quickgelu",
                                    tooltip="OpenAI CLIP weights use QuickGELU: ViT-L-14-quickgelu; LAION / DataComp "
                                            "weights: ViT-L-14"),
-                    io.Combo.Input("weights", options=folder_paths.get_filename_list("open_clip")),
+                    io.Combo.Input("weights", options=folder_paths.get_filename_list("open_clip"),
+                                   tooltip="an open_clip checkpoint (.safetensors / .bin / .pt) in models/open_clip "
+                                           "(or a folder extra_model_paths.yaml names open_clip); a same-named .json "
+                                           "beside it declares a custom architecture"),
                     io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
                                    tooltip="auto: fp16 on a GPU that supports it, fp32 on the CPU")],
-            outputs=[OpenClip.Output(display_name="clip")],
+            outputs=[OpenClip.Output(display_name="clip",
+                                     tooltip="the CLIP model, loaded once and kept across prompts: connect to "
+                                             "LAION Aesthetic Reward or CLIP Score Reward")],
         )
 
     @classmethod
@@ -94,9 +99,16 @@ class AestheticRewardNode(io.ComfyNode):
                         "embedding (L2-normalised). Scores roughly 1..10. Differentiable. The CLIP can be an "
                         "open_clip ViT-L-14 (Load OpenCLIP) or ComfyUI's CLIP vision ViT-L/14 (Load CLIP Vision, "
                         "models/clip_vision).",
-            inputs=[io.MultiType.Input("clip", types=[OpenClip, io.ClipVision]),
-                    io.Combo.Input("head", options=folder_paths.get_filename_list("aesthetic"))],
-            outputs=[Reward.Output(display_name="reward")],
+            inputs=[io.MultiType.Input("clip", types=[OpenClip, io.ClipVision],
+                                       tooltip="the backbone the head was trained on: OpenAI CLIP ViT-L/14, from "
+                                               "Load OpenCLIP (architecture ViT-L-14-quickgelu; gives gradients) or "
+                                               "core Load CLIP Vision (no gradients)"),
+                    io.Combo.Input("head", options=folder_paths.get_filename_list("aesthetic"),
+                                   tooltip="the aesthetic predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth, in "
+                                           "models/aesthetic; its input width must match the CLIP's embedding")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="aesthetic score per image (about 1..10), differentiable with an "
+                                           "open_clip backbone")],
         )
 
     @classmethod
@@ -118,9 +130,16 @@ class ClipScoreRewardNode(io.ComfyNode):
             category=CATEGORY,
             description="Cosine between each image and the text (empty: the prompt given to the sampler or Score "
                         "node), minus the cosine to the negative text if given. Differentiable.",
-            inputs=[OpenClip.Input("clip"), io.String.Input("text", default="", multiline=True),
-                    io.String.Input("negative_text", default="", multiline=True)],
-            outputs=[Reward.Output(display_name="reward")],
+            inputs=[OpenClip.Input("clip", tooltip="an open_clip model from Load OpenCLIP (image and text towers)"),
+                    io.String.Input("text", default="", multiline=True,
+                                    tooltip="what the image should show; empty: the prompt given to the sampler "
+                                            "or Score Images (their prompt input)"),
+                    io.String.Input("negative_text", default="", multiline=True,
+                                    tooltip="optional: what the image should not show; its cosine is subtracted "
+                                            "(empty = nothing subtracted)")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="cosine of image and text per image (about -1..1, typically 0.2..0.35), "
+                                           "differentiable")],
         )
 
     @classmethod

@@ -139,7 +139,9 @@ class ManualPickRewardNode(io.ComfyNode):
                                        "fallback reward = score with the fallback input, abort = stop the run"),
                 Reward.Input("fallback", optional=True, tooltip="used when on_timeout is 'fallback reward'"),
             ],
-            outputs=[Reward.Output(display_name="reward")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="a reward that asks the person (selected = 1, others 0): connect to the "
+                                           "Demon sampler's reward; not differentiable")],
             not_idempotent=True,
         )
 

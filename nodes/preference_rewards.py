@@ -66,9 +66,12 @@ class HPSRewardNode(io.ComfyNode):
             description="Human Preference Score v2 / v2.1: cosine of image and prompt in the HPS-tuned open_clip "
                         "ViT-H-14 (about 0.2 .. 0.35). Weights HPS_v2.1_compressed.pt or HPS_v2_compressed.pt in "
                         "models/hps (huggingface.co/xswu/HPSv2). Differentiable.",
-            inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("hps")),
+            inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("hps"),
+                                   tooltip="HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt) in models/hps; the "
+                                           "version is read from the name"),
                     text_input(), precision_input()],
-            outputs=[Reward.Output(display_name="reward")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="HPS score per image (about 0.2..0.35), differentiable")],
         )
 
     @classmethod
@@ -90,9 +93,12 @@ class PickScoreRewardNode(io.ComfyNode):
                         "PickScore_v1: config.json and the weights; its tokenizer files if it has them, else "
                         "ComfyUI's CLIP tokenizer is used) in models/pickscore and pick its weights file. "
                         "Differentiable.",
-            inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("pickscore")),
+            inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("pickscore"),
+                                   tooltip="the weights file inside the PickScore_v1 folder in models/pickscore "
+                                           "(PickScore_v1/model.safetensors); its config.json must be beside it"),
                     text_input(), precision_input()],
-            outputs=[Reward.Output(display_name="reward")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="PickScore per image (about 18..24), differentiable")],
         )
 
     @classmethod
@@ -111,9 +117,12 @@ class ImageRewardNode(io.ComfyNode):
                         "ImageReward.pt and med_config.json (huggingface.co/THUDM/ImageReward) in "
                         "models/image_reward, and BERT's vocab.txt (huggingface.co/google-bert/bert-base-uncased) "
                         "in models/image_reward/bert-base-uncased/. Differentiable.",
-            inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("image_reward")),
+            inputs=[io.Combo.Input("weights", options=folder_paths.get_filename_list("image_reward"),
+                                   tooltip="ImageReward.pt in models/image_reward, with med_config.json and "
+                                           "bert-base-uncased/vocab.txt beside it"),
                     text_input(), precision_input()],
-            outputs=[Reward.Output(display_name="reward")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="ImageReward score per image (about -2..2), differentiable")],
         )
 
     @classmethod

@@ -40,7 +40,10 @@ class ReferenceModel(io.ComfyNode):
                                 tooltip="component probabilities as comma-separated numbers (normalised); "
                                         "empty = all equal"),
             ],
-            outputs=[io.Model.Output(), io.Vae.Output(),
+            outputs=[io.Model.Output(tooltip="the exact denoiser of the mixture: use it like any MODEL (KSampler, "
+                                             "the steering samplers, SamplerCustom)"),
+                     io.Vae.Output(tooltip="its decoder (latent = 2 x image - 1, 8x upscale): VAE Decode, and the "
+                                           "steering samplers' vae input"),
                      io.Conditioning.Output(display_name="conditioning",
                                             tooltip="neutral conditioning for positive and negative")],
         )
@@ -70,7 +73,10 @@ class ReferenceExactTarget(io.ComfyNode):
                 io.Float.Input("lam", display_name="lambda", default=10.0, min=0.0, max=1000.0, step=0.1,
                                tooltip="strength of the tilt: target p(x)*exp(lambda*r(x))"),
             ],
-            outputs=[io.String.Output(display_name="target_json")],
+            outputs=[io.String.Output(display_name="target_json",
+                                      tooltip="JSON: the tilted law's component probabilities and spread, and the "
+                                              "reward's mean and std under p and under p x exp(lambda r); also "
+                                              "shown on the node")],
             is_output_node=True,
         )
 
@@ -107,8 +113,10 @@ class TinyTestModel(io.ComfyNode):
                                         "conditioning batch, one line per item (ComfyUI tiles it over the latent "
                                         "batch)"),
             ],
-            outputs=[io.Model.Output(), io.Vae.Output(),
-                     io.Conditioning.Output(display_name="conditioning")],
+            outputs=[io.Model.Output(tooltip="a tiny SD1.5 UNet with random weights (testing: images are noise)"),
+                     io.Vae.Output(tooltip="ComfyUI's TAESD with random weights, for its 4-channel latents"),
+                     io.Conditioning.Output(display_name="conditioning",
+                                            tooltip="the prompt's embedding, one item per line of prompt")],
         )
 
     @classmethod
@@ -132,7 +140,10 @@ class TinyFamilyModel(io.ComfyNode):
                                tooltip="the model family whose architecture, latent layout and conditioning to use"),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="seed of the random weights"),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+            outputs=[io.Model.Output(tooltip="the family's real ComfyUI model at a tiny size, random weights"),
+                     io.Clip.Output(tooltip="a stand-in text encoder giving the family's real conditioning shapes "
+                                            "(use CLIP Text Encode on it)"),
+                     io.Vae.Output(tooltip="a tiny VAE of the family's latent layout")],
         )
 
     @classmethod

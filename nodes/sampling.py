@@ -18,17 +18,33 @@ from comfy_api.latest import io
 def ksampler_inputs(sampler_name: bool = False) -> list:
     """KSampler's own inputs, in KSampler's order, for the all-in-one nodes (part of their saved widget order)."""
     return [
-        io.Model.Input("model"),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-        io.Int.Input("steps", default=30, min=1, max=10000),
-        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-        *([io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler")]
+        io.Model.Input("model", tooltip="the diffusion model to sample (any checkpoint or UNet loader's MODEL); "
+                                        "every candidate, particle or rollout is a call of this model"),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="seed of the starting noise, as KSampler's; the noises steering tries are drawn "
+                             "from it too, so the same workflow and seed give the same image"),
+        io.Int.Input("steps", default=30, min=1, max=10000,
+                     tooltip="denoising steps. Each step is one model call per image; steering adds its "
+                             "candidates' or particles' calls on the steps it acts on"),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="classifier-free guidance scale, as in KSampler: how strongly positive is "
+                               "followed over negative (1 = no guidance); applied to every candidate alike"),
+        *([io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                          tooltip="ComfyUI sampler that runs every candidate; its model calls per step "
+                                  "(e.g. 2 for heun) multiply the cost")]
           if sampler_name else []),
-        io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
-        io.Conditioning.Input("positive"),
-        io.Conditioning.Input("negative"),
-        io.Latent.Input("latent_image"),
-        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+        io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras",
+                       tooltip="noise schedule (the sigmas of the steps), as in KSampler; sigma-based settings "
+                               "such as min_sigma are read against it"),
+        io.Conditioning.Input("positive", tooltip="what to generate (CLIP Text Encode); rewards that need a "
+                                                  "prompt take it from the prompt input, not from here"),
+        io.Conditioning.Input("negative", tooltip="what to avoid (CLIP Text Encode), as in KSampler"),
+        io.Latent.Input("latent_image", tooltip="the latent to start from: Empty Latent Image for text-to-"
+                                                "image (its batch size = images steered independently), or an "
+                                                "encoded image with denoise < 1"),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="share of the schedule to run, as in KSampler (1 = from pure noise; lower keeps "
+                               "more of latent_image); steering windows are fractions of the steps actually run"),
     ]
 
 

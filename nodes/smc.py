@@ -25,33 +25,75 @@ CATEGORY = "reward_steering/sampling"
 def smc_inputs() -> list:
     """The steering inputs shared by both SMC nodes (their order is part of every saved workflow)."""
     return [
-        Reward.Input("reward"),
-        io.Vae.Input("vae", tooltip="decodes particles' x0-predictions for the reward (TAESD is a cheap choice)"),
-        io.Int.Input("particles", default=4, min=1, max=512, tooltip="particles per batch item"),
+        Reward.Input("reward", tooltip="the reward r(x) that weights the particles (any reward node, or Combine "
+                                       "Rewards); scored on each particle's clean-image estimate at scored steps"),
+        io.Vae.Input("vae", tooltip="decodes particles' clean-image estimates for the reward (decoder = vae): the "
+                                    "model's VAE, or a TAESD for speed; must match the model's latents; unused "
+                                    "with decoder = latent_rgb"),
+        io.Int.Input("particles", default=4, min=1, max=512,
+                     tooltip="particles per batch item. Every particle takes every step, so the cost is about "
+                             "particles x a plain run's model calls, plus one decode and reward call per particle "
+                             "at each scored step. More particles = a closer match to the target law"),
         io.Float.Input("lam", display_name="lambda", default=10.0, min=0.0, max=100000.0, step=0.1,
-                       tooltip="target p(x) * exp(lambda * r(x))"),
-        io.Combo.Input("potential", options=list(POTENTIALS), default="difference"),
+                       tooltip="strength of the tilt: the population targets p(x) * exp(lambda * r(x)). In the "
+                               "reward's units: lambda x the reward's spread over particles of ~1 is mild, ~10 "
+                               "strong (more resampling, lower ESS); 0 = unsteered. tempering ramps it during the "
+                               "run, and every potential ends at exactly lambda"),
+        io.Combo.Input("potential", options=list(POTENTIALS), default="difference",
+                       tooltip="how the rewards a particle's lineage scored so far weight it at each scored step "
+                               "(FK steering): difference = exp(lambda (r_now - r_previous)), favours rising "
+                               "rewards; max = exp(lambda x best so far); sum = exp(lambda x sum so far); "
+                               "immediate = exp(lambda r_now). A final correction makes all of them target the "
+                               "same p * exp(lambda r); they differ in how early they select"),
         io.Combo.Input("tempering", options=list(TEMPERING), default="none",
-                       tooltip="ramp lambda over the steps (exponential as in DAS, or linear)"),
-        io.Float.Input("gamma", default=0.008, min=0.0, max=1.0, step=0.001, tooltip="exponential tempering rate"),
-        io.Combo.Input("resampling", options=list(RESAMPLERS), default="systematic"),
+                       tooltip="ramp lambda over the steps: none = full lambda from the first scored step; "
+                               "exponential (DAS) = lambda x min((1 + gamma)^(step+1) - 1, 1); linear = lambda x "
+                               "(step+1) / steps. The last step always uses the full lambda"),
+        io.Float.Input("gamma", default=0.008, min=0.0, max=1.0, step=0.001,
+                       tooltip="exponential tempering only: the ramp's rate. lambda reaches full strength after "
+                               "about 0.69 / gamma steps (0.008: 87 steps, so with 30 steps it stays below ~27 % "
+                               "until the last). Ignored with tempering none or linear"),
+        io.Combo.Input("resampling", options=list(RESAMPLERS), default="systematic",
+                       tooltip="how an item's particles are redrawn by weight when resampled: systematic (one "
+                               "uniform, lowest variance), stratified (one draw per stratum) or multinomial "
+                               "(independent draws); all keep the target"),
         io.Float.Input("ess_threshold", default=0.5, min=0.0, max=1.0, step=0.05,
-                       tooltip="resample when ESS < threshold * particles (1 = at every scheduled step)"),
-        io.Int.Input("reward_start", default=0, min=0, max=10000, tooltip="first step scored"),
-        io.Int.Input("reward_end", default=-1, min=-1, max=10000, tooltip="last step scored (-1 = the end)"),
-        io.Int.Input("reward_interval", default=1, min=1, max=10000, tooltip="score every n-th step"),
+                       tooltip="resample an item at a scored step when its effective sample size < threshold x "
+                               "particles; 1 = at every scored step, 0 = never (the weights then act only in the "
+                               "final draw). Only scored steps (reward_start / end / interval) can resample"),
+        io.Int.Input("reward_start", default=0, min=0, max=10000,
+                     tooltip="first step (0-based) at which particles are scored, weighted and may be resampled; "
+                             "earlier steps only move them. The last step is always scored"),
+        io.Int.Input("reward_end", default=-1, min=-1, max=10000,
+                     tooltip="last step of the scoring schedule (-1 = the last step); the final step is scored "
+                             "anyway, to apply the final potential"),
+        io.Int.Input("reward_interval", default=1, min=1, max=10000,
+                     tooltip="score every n-th step from reward_start: fewer decodes and reward calls, and fewer "
+                             "chances to resample"),
         io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="stochasticity of the base step (1 = ancestral / DDPM-like)"),
+                       tooltip="fresh noise in each particle's step: 1 = ancestral / DDPM-like, 0 = deterministic "
+                               "(DDIM / Euler). Copies made by resampling differ only through this noise, so keep "
+                               "it high"),
         io.Boolean.Input("gradient_guidance", default=False,
-                         tooltip="DAS proposals along the reward gradient (differentiable rewards only)"),
+                         tooltip="DAS: shift each step's proposal along the reward's gradient (std^2 x lambda_t x "
+                                 "grad r), with the weight correction that keeps the target. Needs a "
+                                 "differentiable reward; costs a backward pass through model, VAE and reward "
+                                 "per step"),
         io.Combo.Input("output", options=list(OUTPUTS), default="weighted_draw",
-                       tooltip="weighted_draw: faithful to the target; best: highest reward; all: every particle"),
-        io.Int.Input("chunk_items", default=0, min=0, max=4096, tooltip="particles per model call; 0 = auto"),
+                       tooltip="weighted_draw: one particle per item drawn by its final weight (a draw from the "
+                               "target); best: the particle with the highest last reward (greedy); all: every "
+                               "particle, items x particles latents, item by item"),
+        io.Int.Input("chunk_items", default=0, min=0, max=4096,
+                     tooltip="particles (of all batch items) per model call; 0 = as many as free memory allows. "
+                             "Changes speed and memory, not the method"),
         io.Combo.Input("decoder", options=list(DECODERS), default="vae",
-                       tooltip="vae: decode candidates with the VAE input; latent_rgb: the live-preview "
-                               "projection (nearly free, approximate: for colour-type rewards)"),
+                       tooltip="vae: decode particles with the VAE input; latent_rgb: the live-preview "
+                               "projection (nearly free, approximate: for colour-type rewards, not for rewards "
+                               "that judge content or detail)"),
         io.String.Input("prompt", default="", multiline=True, optional=True,
-                        tooltip="text for rewards that need the prompt"),
+                        tooltip="the prompt text for rewards that compare image and text (CLIP score, HPS, "
+                                "PickScore, ImageReward, VLM) when their own text is empty; other rewards ignore "
+                                "it"),
     ]
 
 
@@ -110,7 +152,9 @@ class SMCSampler(io.ComfyNode):
             description="Feynman-Kac steering as a SAMPLER for SamplerCustom / SamplerCustomAdvanced: particles "
                         "weighted by reward potentials and resampled, targeting p(x) * exp(lambda * r(x)).",
             inputs=smc_inputs(),
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="connect to the sampler input of SamplerCustom / "
+                                               "SamplerCustomAdvanced; SMC steering then runs inside their "
+                                               "sampling, with their sigmas, noise and guidance")],
         )
 
     @classmethod
@@ -131,8 +175,15 @@ class KSamplerSMC(io.ComfyNode):
                 *ksampler_inputs(),
                 *smc_inputs(),
             ],
-            outputs=[io.Latent.Output(), io.String.Output(display_name="trace_json"),
-                     io.Image.Output(display_name="trace_plot")],
+            outputs=[io.Latent.Output(tooltip="the chosen particle per item (output), or every particle with "
+                                              "output = all; decode it with VAE Decode"),
+                     io.String.Output(display_name="trace_json",
+                                      tooltip="JSON: each step's sigma, lambda, ESS, reward mean / max and "
+                                              "resampling per item; then the final ESS, particle weights and "
+                                              "rewards, and model calls and decodes per image"),
+                     io.Image.Output(display_name="trace_plot",
+                                     tooltip="plot: reward per step for each item and their mean; ESS per item "
+                                             "with the threshold line and the resampling events")],
         )
 
     @classmethod
@@ -185,12 +236,16 @@ class BestOfN(io.ComfyNode):
                         "pruning step and the model calls spent.",
             inputs=[
                 *ksampler_inputs(sampler_name=True),
-                Reward.Input("reward"),
-                io.Vae.Input("vae"),
+                Reward.Input("reward", tooltip="scores every finished candidate (and, with pruning, the clean-"
+                                               "image estimates at each pruning step); the highest is kept"),
+                io.Vae.Input("vae", tooltip="decodes the candidates for the reward; must match the model's "
+                                            "latents (a TAESD is a cheap choice)"),
                 io.Int.Input("n", default=4, min=1, max=1024,
                              tooltip="candidates (starting seeds) per batch item; spend_saved_calls starts more "
                                      "within n's plain best-of-N calls, and max_calls replaces it"),
-                io.String.Input("prompt", default="", multiline=True, optional=True),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="the prompt text for rewards that compare image and text (CLIP score, HPS, "
+                                        "PickScore, ImageReward, VLM) when their own text is empty"),
                 io.String.Input("prune_at", default="", optional=True,
                                 tooltip="early pruning: fractions of the steps (e.g. 0.3, 0.6) at which every "
                                         "candidate's clean-image estimate is scored and only the best are kept; "
@@ -215,8 +270,16 @@ class BestOfN(io.ComfyNode):
                                        "candidates' current clean-image estimates is returned per item (anytime; "
                                        "works with or without pruning and call budgets)"),
             ],
-            outputs=[io.Latent.Output(display_name="best"), io.Latent.Output(display_name="all"),
-                     io.String.Output(display_name="scores_json")],
+            outputs=[io.Latent.Output(display_name="best",
+                                      tooltip="the highest-scoring candidate of each batch item (batch size as "
+                                              "latent_image)"),
+                     io.Latent.Output(display_name="all",
+                                      tooltip="every finished candidate (the survivors, with pruning), candidate-"
+                                              "major: candidate j of item b at j x batch + b"),
+                     io.String.Output(display_name="scores_json",
+                                      tooltip="JSON: every candidate's score per item, the best index and score; "
+                                              "with pruning or budgets also the starting seeds, survivors at each "
+                                              "pruning step and model calls spent")],
         )
 
     @classmethod

@@ -18,7 +18,8 @@ CATEGORY = "reward_steering/sampling"
 def tree_inputs() -> list:
     """The search inputs shared by both nodes (their order is part of every saved workflow)."""
     return [
-        Reward.Input("reward"),
+        Reward.Input("reward", tooltip="scores each rollout's final image; its value flows back up the tree "
+                                       "(soft for dts, max for dts_star) and guides where later rollouts branch"),
         io.Vae.Input("vae", tooltip="decodes each rollout's final image for the reward (TAESD is a cheap choice)"),
         io.Combo.Input("mode", options=list(MODES), default="dts_star",
                        tooltip="dts: a draw from p(x) * exp(lambda * r(x)) (soft value backup); dts_star: search "
@@ -105,7 +106,9 @@ class TreeSampler(io.ComfyNode):
                         "tree. dts draws from p(x) * exp(lambda * r(x)); dts_star returns the best image found. "
                         "Stops at the rollout, model-call or seconds budget, whichever comes first.",
             inputs=tree_inputs(),
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="connect to the sampler input of SamplerCustom / "
+                                               "SamplerCustomAdvanced; the tree search then runs inside their "
+                                               "sampling, with their sigmas, noise and guidance")],
         )
 
     @classmethod
@@ -124,8 +127,15 @@ class KSamplerTree(io.ComfyNode):
                         "model calls, tree size, depth of re-use, best reward) as JSON and a plot of the best "
                         "reward against model calls.",
             inputs=[*ksampler_inputs(), *tree_inputs()],
-            outputs=[io.Latent.Output(), io.String.Output(display_name="trace_json"),
-                     io.Image.Output(display_name="trace_plot")],
+            outputs=[io.Latent.Output(tooltip="per item, the tree's draw (dts) or the best leaf found (dts_star); "
+                                              "decode it with VAE Decode"),
+                     io.String.Output(display_name="trace_json",
+                                      tooltip="JSON: per round, rollouts, model calls, tree nodes and the best and "
+                                              "rollout rewards per item; then what stopped the search, its seconds "
+                                              "and model calls per image"),
+                     io.Image.Output(display_name="trace_plot",
+                                     tooltip="plot: best reward so far and the rollouts' reward, and the tree's "
+                                             "size, against model calls per image")],
         )
 
     @classmethod

@@ -79,7 +79,13 @@ class VLMRewardNode(io.ComfyNode):
                 io.String.Input("api_key_env", default="OPENAI_API_KEY",
                                 tooltip="NAME of the environment variable holding the API key (not the key). "
                                         "Unset: the key file in the user directory, else no key (local servers)"),
-                io.Combo.Input("mode", options=list(MODES), default="pairwise_top_half"),
+                io.Combo.Input("mode", options=list(MODES), default="pairwise_top_half",
+                               tooltip="rubric: a 0..max_score score per image (score / max_score); "
+                                       "pairwise_top_half: a tournament within each item's candidates, top half = "
+                                       "1, rest 0 (the Demon paper's); pairwise_knockout: one round of pairs, "
+                                       "winners 1 (K/2 requests); ranking: one grid per item, reward linear in rank. "
+                                       "The pairwise modes and ranking compare candidates, so use them in samplers, "
+                                       "not on a single image"),
                 io.String.Input("rubric", default=DEFAULT_RUBRIC, multiline=True,
                                 tooltip="what makes an image good; {prompt} is replaced by the sampler's prompt "
                                         "(without it, the prompt is appended when the sampler gives one)"),
@@ -115,7 +121,9 @@ class VLMRewardNode(io.ComfyNode):
                                        "rejects it; off: plain answers, parsed robustly"),
                 Reward.Input("fallback", optional=True, tooltip="scores the candidates when failure = fallback"),
             ],
-            outputs=[Reward.Output(display_name="reward")],
+            outputs=[Reward.Output(display_name="reward",
+                                   tooltip="a reward in 0..1 from the vision-language model (not differentiable): "
+                                           "connect to Demon, SMC, best-of-N or Score Images")],
         )
 
     @classmethod
