@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..rewards.aesthetic import AestheticHead, AestheticReward
 from ..rewards.clip_common import PRECISIONS, ComfyClipVision, _load_state_dict, load_open_clip
 from ..rewards.clip_score import ClipScoreReward
+from ..rewards.model_files import missing_file_message
 from .types import Reward
 
 CATEGORY = "reward_steering/rewards"
@@ -36,14 +37,26 @@ register_folders()
 
 
 def resolve(folder: str, filename: str) -> str:
-    """Full path of a file in a models/ folder, or an error that says where to put it and what is there."""
-    path = folder_paths.get_full_path(folder, filename)
+    """Full path of a file in a models/ folder, or an error that says what the file is, where users get it, where
+    to put it and what is there."""
+    path = folder_paths.get_full_path(folder, filename) if filename else None
     if path is None:
-        found = folder_paths.get_filename_list(folder)
-        dirs = folder_paths.get_folder_paths(folder)
-        raise FileNotFoundError(f"put {filename} in models/{folder} ({', '.join(dirs)}); files found there: "
-                                f"{', '.join(found) if found else 'none'}")
+        raise FileNotFoundError(missing_file_message(folder, filename or "(no file chosen)",
+                                                     folder_paths.get_folder_paths(folder),
+                                                     folder_paths.get_filename_list(folder)))
     return path
+
+
+def file_check(folder: str, filename, companions=None):
+    """validate_inputs of the loader nodes: True, or the missing-file error as the message ComfyUI shows when the
+    prompt is queued (in place of core's bare "value not in list")."""
+    try:
+        path = resolve(folder, filename)
+        if companions is not None:
+            companions(path)
+    except FileNotFoundError as e:
+        return str(e)
+    return True
 
 
 _cache: dict = {}
@@ -82,6 +95,10 @@ class LoadOpenClip(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, weights=None):
+        return file_check("open_clip", weights)
+
+    @classmethod
     def execute(cls, architecture, weights, precision="auto") -> io.NodeOutput:
         path = resolve("open_clip", weights)
         return io.NodeOutput(cached(("open_clip", architecture, path, os.path.getmtime(path), precision),
@@ -110,6 +127,10 @@ class AestheticRewardNode(io.ComfyNode):
                                    tooltip="aesthetic score per image (about 1..10), differentiable with an "
                                            "open_clip backbone")],
         )
+
+    @classmethod
+    def validate_inputs(cls, head=None):
+        return file_check("aesthetic", head)
 
     @classmethod
     def execute(cls, clip, head) -> io.NodeOutput:

@@ -16,9 +16,9 @@ from comfy_api.latest import io
 
 from ..rewards.clip_common import PRECISIONS
 from ..rewards.hps import HPSReward, load_hps
-from ..rewards.image_reward import ImageRewardModel, ImageRewardReward
-from ..rewards.pickscore import PickScoreModel, PickScoreReward
-from .clip_rewards import cached, resolve
+from ..rewards.image_reward import ImageRewardModel, ImageRewardReward, image_reward_files
+from ..rewards.pickscore import PickScoreModel, PickScoreReward, check_pickscore_files
+from .clip_rewards import cached, file_check, resolve
 from .types import Reward
 
 CATEGORY = "reward_steering/rewards"
@@ -75,6 +75,10 @@ class HPSRewardNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, weights=None):
+        return file_check("hps", weights)
+
+    @classmethod
     def execute(cls, weights, text="", precision="auto") -> io.NodeOutput:
         clip = load_cached("hps", weights, precision, load_hps)
         version = "HPSv2.1" if "2.1" in weights else "HPSv2" if "v2" in weights.lower() else "HPS"
@@ -102,6 +106,10 @@ class PickScoreRewardNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, weights=None):
+        return file_check("pickscore", weights, check_pickscore_files)
+
+    @classmethod
     def execute(cls, weights, text="", precision="auto") -> io.NodeOutput:
         return io.NodeOutput(PickScoreReward(load_cached("pickscore", weights, precision, PickScoreModel), text))
 
@@ -124,6 +132,10 @@ class ImageRewardNode(io.ComfyNode):
             outputs=[Reward.Output(display_name="reward",
                                    tooltip="ImageReward score per image (about -2..2), differentiable")],
         )
+
+    @classmethod
+    def validate_inputs(cls, weights=None):
+        return file_check("image_reward", weights, image_reward_files)
 
     @classmethod
     def execute(cls, weights, text="", precision="auto") -> io.NodeOutput:

@@ -24,6 +24,7 @@ from torch import nn
 from .aesthetic import AestheticHead
 from .base import Reward
 from .clip_common import _load_state_dict, clip_preprocess, reward_model_dtype
+from .model_files import REWARD_FOLDERS, missing_companions_message
 
 SCORE_MEAN = 0.16717362830052426
 SCORE_STD = 1.0333394966054072
@@ -249,12 +250,11 @@ def image_reward_files(weights_path: str) -> tuple[str, str]:
     """(med_config.json, tokenizer folder) beside the weights; missing ones are named with the folder."""
     folder = os.path.dirname(weights_path)
     config, tokenizer = os.path.join(folder, MED_CONFIG), os.path.join(folder, TOKENIZER_FOLDER)
-    missing = ([f"{MED_CONFIG} (from huggingface.co/THUDM/ImageReward)"] if not os.path.isfile(config) else []) + \
-        ([f"{TOKENIZER_FOLDER}/vocab.txt (the BERT tokenizer, from huggingface.co/google-bert/bert-base-uncased)"]
-         if not os.path.isfile(os.path.join(tokenizer, "vocab.txt")) else [])
+    needed = {MED_CONFIG: config, f"{TOKENIZER_FOLDER}/vocab.txt": os.path.join(tokenizer, "vocab.txt")}
+    missing = [REWARD_FOLDERS["image_reward"].file(name) for name, path in needed.items() if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(f"ImageReward needs {' and '.join(missing)} beside {os.path.basename(weights_path)} "
-                                f"in {folder}")
+        raise FileNotFoundError(missing_companions_message("ImageReward", os.path.basename(weights_path), folder,
+                                                           missing))
     return config, tokenizer
 
 

@@ -18,8 +18,18 @@ import torch
 from .base import Reward
 from .clip_common import (CLIP_MEAN, CLIP_STD, _load_state_dict, clip_preprocess, remembered_text_embeddings,
                           reward_model_dtype)
+from .model_files import REWARD_FOLDERS, missing_companions_message
 
 CONFIG_FILE = "config.json"
+
+
+def check_pickscore_files(weights_path: str) -> None:
+    """config.json must sit beside the weights (the PickScore_v1 folder); the error names it and its source."""
+    folder = os.path.dirname(weights_path)
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise FileNotFoundError(missing_companions_message(
+            "PickScore", os.path.basename(weights_path), folder, [REWARD_FOLDERS["pickscore"].file(CONFIG_FILE)])
+            + " Copy the whole PickScore_v1 folder into models/pickscore/ and pick its weights file.")
 
 
 def tokenizer_folder(folder: str) -> str:
@@ -71,10 +81,7 @@ class PickScoreModel:
         import comfy.model_patcher
         from transformers import AutoTokenizer, CLIPConfig
         folder = os.path.dirname(weights_path)
-        if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-            raise FileNotFoundError(f"PickScore needs {CONFIG_FILE} beside {os.path.basename(weights_path)} in "
-                                    f"{folder}: copy the PickScore_v1 folder (huggingface.co/yuvalkirstain/"
-                                    "PickScore_v1) into models/pickscore/ and pick its weights file")
+        check_pickscore_files(weights_path)
         self.source = os.path.basename(weights_path)
         config = CLIPConfig.from_pretrained(folder, local_files_only=True)
         with torch.inference_mode(False):

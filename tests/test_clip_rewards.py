@@ -158,7 +158,8 @@ def test_gradients_flow_and_bad_inputs_are_explained(model_dirs):
     assert images.grad[..., :3].abs().sum() > 0 and images.grad[..., 3].abs().sum() == 0
     with pytest.raises(ValueError, match="expects 768-d embeddings but the CLIP backbone .* gives 32-d"):
         nodes.AestheticRewardNode.execute(clip, "vit-l-head.pth")
-    with pytest.raises(FileNotFoundError, match=r"put missing.pth in models/aesthetic .* tiny-head.pth"):
+    with pytest.raises(FileNotFoundError, match=r"missing.pth is missing: put it in models/aesthetic .* "
+                                                r"tiny-head.pth.* sac\+logos\+ava1-l14-linearMSE.pth"):
         nodes.AestheticRewardNode.execute(clip, "missing.pth")
     with pytest.raises(ValueError, match="empty"):
         reward(torch.zeros(0, 8, 8, 3))

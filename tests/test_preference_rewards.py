@@ -513,13 +513,14 @@ def openai_image_embeddings(state, x, quick_gelu: bool):
 
 
 def test_missing_files_are_named_with_their_folder(model_dirs):
-    with pytest.raises(FileNotFoundError, match=r"put HPS_v2_compressed.pt in models/hps .* HPS_v2.1_compressed.pt"):
+    with pytest.raises(FileNotFoundError, match=r"HPS_v2_compressed.pt is missing: put it in models/hps .* "
+                                                r"HPS_v2.1_compressed.pt .* xswu/HPSv2"):
         load("hps", "HPS_v2_compressed.pt")
     with pytest.raises(FileNotFoundError) as error:
         load("pickscore", "weights_alone/model.safetensors")
     message = str(error.value)
     assert "needs config.json beside model.safetensors in " + str(model_dirs["pickscore"] / "weights_alone") \
-        in message and "huggingface.co/yuvalkirstain/PickScore_v1" in message
+        in message and "Hugging Face page yuvalkirstain/PickScore_v1" in message
     with pytest.raises(FileNotFoundError) as error:
         load("image_reward", "ImageReward-alone.pt")
     message = str(error.value)
