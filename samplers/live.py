@@ -32,7 +32,7 @@ def _target():
         from server import PromptServer
     except ImportError:
         return None
-    server = PromptServer.instance
+    server = getattr(PromptServer, "instance", None)   # None in-process (tests, benches): no server, no tab
     client_id = getattr(server, "client_id", None) if server is not None else None
     if client_id is None or client_id not in getattr(server, "sockets", {}):
         return None
