@@ -2,9 +2,10 @@
 /extensions/<pack folder>/docs/<node id>.md (the frontend first asks for docs/<node id>/<locale>.md, then this).
 Each page: the hand-written summary and example (scripts/node_guides.py), the node's description, every input and
 output with its tooltip (from the node's schema, as /object_info gives it) and, for reward loaders, the files they
-need (rewards/model_files.py).  Run with a host's python; --check only reports pages that are out of date.
+need (rewards/model_files.py).  Run with a host's python; --check only reports pages that are out of date;
+--model-table prints the README's table of reward files from the same source.
 
-    .host/v0.28.2/venv/bin/python scripts/build_node_docs.py [--check]
+    .host/v0.28.2/venv/bin/python scripts/build_node_docs.py [--check | --model-table]
 """
 from __future__ import annotations
 
@@ -78,10 +79,28 @@ def pages(infos: dict) -> dict[str, str]:
     return {f"{name}.md": render(info, GUIDES[name], reward_folders) for name, info in sorted(infos.items())}
 
 
+def model_files_table(reward_folders: dict) -> str:
+    """The README's table: one row per reward folder (file, what it is, where to get it, folder, size,
+    differentiable, licence)."""
+    rows = ["| reward | file | what it is | where to get it | folder | size | differentiable | weights' licence |",
+            "|---|---|---|---|---|---|---|---|"]
+    for entry in reward_folders.values():
+        for f in entry.files:
+            rows.append(f"| {entry.reward} | `{f.name}` | {f.what} | {f.source} | `models/{entry.folder}` | {f.size} "
+                        f"| {entry.differentiable} | {entry.licence} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only report pages that differ; exit 1 if any")
+    parser.add_argument("--model-table", action="store_true", help="print the README's table of reward files")
     args = parser.parse_args()
+    if args.model_table:
+        node_infos()   # imports the pack
+        import harness
+        print(model_files_table(harness.pack_submodule("rewards.model_files").REWARD_FOLDERS))
+        return 0
     wanted = pages(node_infos())
     stale = [name for name, text in wanted.items()
              if not (DOCS / name).exists() or (DOCS / name).read_text(encoding="utf-8") != text]
