@@ -333,6 +333,11 @@ def _cheap_decoder(graph: dict) -> dict:
     return graph
 
 
+def api_graph(filename: str) -> dict:
+    """The API-format graph saved as workflows/<filename> (before layout, Note and description)."""
+    return _cheap_decoder(WORKFLOWS[filename]())
+
+
 def _note(shows: str, files: str, knobs: str) -> str:
     return f"What it shows: {shows}\n\nFiles: {files}\n\n{knobs}"
 
@@ -489,10 +494,10 @@ def main() -> int:
         return 0
     with ComfyServer() as server:
         info = server.get("/object_info", timeout=120)
-    for filename, graph in WORKFLOWS.items():
+    for filename in WORKFLOWS:
         path = REPO / "workflows" / filename
         note, description = NOTES[filename]
-        path.write_text(json.dumps(api_to_ui(_cheap_decoder(graph()), info, note=note, description=description), indent=1) + "\n")
+        path.write_text(json.dumps(api_to_ui(api_graph(filename), info, note=note, description=description), indent=1) + "\n")
         print(f"wrote {path}")
     return 0
 

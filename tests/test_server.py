@@ -96,9 +96,9 @@ def test_workflow_file_validates_against_object_info(server, path):
 
 
 def test_workflow_files_match_their_builders(server):
-    for filename, graph in build_workflows.WORKFLOWS.items():
+    for filename in build_workflows.WORKFLOWS:
         on_disk = json.loads((REPO / "workflows" / filename).read_text())
-        expected = graph()
+        expected = build_workflows.api_graph(filename)
         for node in expected.values():   # inputs a graph leaves out are saved with their defaults
             spec = server.object_info[node["class_type"]]["input"]
             for name, entry in {**spec.get("required", {}), **spec.get("optional", {})}.items():
