@@ -147,7 +147,7 @@ class KSamplerDemon(io.ComfyNode):
         out, totals, trace = run_steering_ksampler(sample_demon, demon_options(**steering), recorder, model, seed,
                                                    steps, cfg, scheduler, positive, negative, latent_image, denoise)
         plot = plot_trace(trace, f"Demon: reward per step ({steering['reward'].describe()})")
-        return io.NodeOutput(out, recorder.json(), plot, ui={"demon": [totals]})
+        return io.NodeOutput(out, recorder.json(), plot, ui=recorder.ui(demon=[totals]))
 
 
 NODES = [DemonSampler, KSamplerDemon]

@@ -108,34 +108,73 @@ def show_text_on_node(text: str) -> None:
         pass
 
 
+def batch_text(values: list[float]) -> str:
+    """A batch's values in one short phrase: each value for up to 3 items, else the mean and the range (the
+    node's text must stay readable at its width)."""
+    values = [v for v in values if v is not None]   # e.g. a tree item with no finished rollout yet
+    if not values:
+        return "none yet"
+    if len(values) <= 3:
+        return ", ".join(f"{v:.4g}" for v in values)
+    return f"mean {sum(values) / len(values):.3g} ({min(values):.3g} .. {max(values):.3g}, {len(values)} items)"
+
+
 def format_step(stats: dict, total: int) -> str:
+    head = f"step {stats['step'] + 1}/{total}  sigma {stats['sigma']:.3g}"
     if not stats.get("steered"):
-        return f"step {stats['step'] + 1}/{total}  sigma {stats['sigma']:.3g}  (not steered)"
-    means = ", ".join(f"{m:.4f}" for m in stats["reward_mean"])
-    best = ", ".join(f"{m:.4f}" for m in stats["reward_max"])
-    return (f"step {stats['step'] + 1}/{total}  sigma {stats['sigma']:.3g}  K={stats['k']}\n"
-            f"candidate reward mean [{means}]  max [{best}]")
+        return head + "  (not steered)"
+    return (f"{head}  K={stats['k']}\ncandidates' mean: {batch_text(stats['reward_mean'])}\n"
+            f"best candidate: {batch_text(stats['reward_max'])}")
 
 
-def format_summary(summary: dict) -> str:
+def cost_text(calls: float, plain_steps: int, what: str = "") -> str:
+    """Model calls per image and their multiple of a plain run (one call per step)."""
+    return f"{what}{calls:.0f} model calls per image\n  = {calls / max(plain_steps, 1):.1f}x a plain {plain_steps}-step run"
+
+
+def format_plan(stats: dict) -> str:
+    return cost_text(stats["model_calls_per_image"], stats["steps"], "planned: up to " if stats.get("at_most")
+                     else "planned: ")
+
+
+def format_summary(summary: dict, total: int) -> str:
     return (f"done: K={summary['k']}, {summary['steered_steps']} steered steps\n"
-            f"per image: {summary['model_calls_per_image']:.0f} model calls, {summary['decodes_per_image']:.0f} "
-            f"decodes, {summary['reward_calls_per_image']:.0f} reward calls")
+            f"{cost_text(summary['model_calls_per_image'], total, 'spent: ')}\n"
+            f"{summary['decodes_per_image']:.0f} decodes, {summary['reward_calls_per_image']:.0f} reward calls per image")
 
 
 class TraceRecorder:
-    """The `report` hook of a steering sampler: shows each step on the node and keeps the trace."""
+    """The `report` hook of a steering sampler: shows the planned cost, then each step, then the spent cost on
+    the executing node, and keeps the trace.  Subclasses word the steps and the end."""
 
     def __init__(self, total_steps: int):
         self.total_steps = total_steps
+        self.plan: dict | None = None
         self.summary: dict | None = None
+        self.text = ""
+
+    def step_text(self, stats: dict) -> str:
+        return format_step(stats, self.total_steps)
+
+    def done_text(self, summary: dict) -> str:
+        return format_summary(summary, self.total_steps)
 
     def __call__(self, stats: dict) -> None:
-        if stats.get("done"):
+        if stats.get("plan"):
+            self.plan = stats
+            self.text = format_plan(stats)
+        elif stats.get("done"):
             self.summary = stats
-            show_text_on_node(format_summary(stats))
+            self.text = self.done_text(stats)
+            if self.plan is not None:
+                self.text += "\n" + format_plan(self.plan)
         else:
-            show_text_on_node(format_step(stats, self.total_steps))
+            self.text = self.step_text(stats)
+        show_text_on_node(self.text)
+
+    def ui(self, **more) -> dict:
+        """The node's UI output: the final text (shown on the node after the run) and `more`."""
+        return {"text": [self.text], **more}
 
     def json(self) -> str:
         return json.dumps(self.summary or {})

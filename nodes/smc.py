@@ -15,7 +15,7 @@ from ..samplers.resampling import RESAMPLERS
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.smc import OUTPUTS, POTENTIALS, TEMPERING, sample_smc
 from ..samplers.model_calls import align_conds_with_items
-from .sampling import (DOWNSCALE_KEYS, TraceRecorder, fix_empty_latent, ksampler_inputs, run_sampler,
+from .sampling import (DOWNSCALE_KEYS, TraceRecorder, batch_text, cost_text, fix_empty_latent, ksampler_inputs, run_sampler,
                        run_steering_ksampler, show_text_on_node, sigmas_for)
 from .types import Reward
 
@@ -111,24 +111,23 @@ def smc_options(reward, vae, particles, lam, potential, tempering, gamma, resamp
 
 def format_smc_step(stats: dict, total: int) -> str:
     text = f"step {stats['step'] + 1}/{total}  sigma {stats['sigma']:.3g}  lambda {stats['lambda']:.3g}\n"
-    text += "ESS [" + ", ".join(f"{e:.2f}" for e in stats["ess"]) + "]"
+    text += f"ESS: {batch_text(stats['ess'])}"
     if "reward_mean" in stats:
-        text += "  reward mean [" + ", ".join(f"{m:.4f}" for m in stats["reward_mean"]) + "]"
-    if any(stats.get("resampled", [])):
-        text += "  resampled"
+        text += f"\nparticles' mean: {batch_text(stats['reward_mean'])}"
+    resampled = sum(stats.get("resampled", []))
+    if resampled:
+        text += f"\nresampled {resampled} of {len(stats['resampled'])} items"
     return text
 
 
 class SMCRecorder(TraceRecorder):
-    def __call__(self, stats: dict) -> None:
-        if stats.get("done"):
-            self.summary = stats
-            show_text_on_node(f"done: {stats['particles']} particles, final ESS "
-                              f"[{', '.join(f'{e:.2f}' for e in stats['final_ess'])}]\nper image: "
-                              f"{stats['model_calls_per_image']:.0f} model calls, {stats['decodes_per_image']:.0f} "
-                              "decodes")
-        else:
-            show_text_on_node(format_smc_step(stats, self.total_steps))
+    def step_text(self, stats: dict) -> str:
+        return format_smc_step(stats, self.total_steps)
+
+    def done_text(self, summary: dict) -> str:
+        return (f"done: {summary['particles']} particles, final ESS: {batch_text(summary['final_ess'])}\n"
+                f"{cost_text(summary['model_calls_per_image'], self.total_steps, 'spent: ')}\n"
+                f"{summary['decodes_per_image']:.0f} decodes per image")
 
 
 def plot_smc(trace: list[dict], title: str, ess_threshold: float | None = None,
@@ -197,7 +196,7 @@ class KSamplerSMC(io.ComfyNode):
             out.pop("batch_index", None)
         plot = plot_smc(trace, f"SMC: reward per step ({steering['reward'].describe()})",
                         steering["ess_threshold"], steering["particles"])
-        return io.NodeOutput(out, recorder.json(), plot, ui={"smc": [totals]})
+        return io.NodeOutput(out, recorder.json(), plot, ui=recorder.ui(smc=[totals]))
 
 
 class ItemAlignedSampler(comfy.samplers.Sampler):
@@ -301,11 +300,18 @@ class BestOfN(io.ComfyNode):
         points = parse_prune_at(prune_at, len(sigmas) - 1)
         # keep fraction 1 drops nothing: plain best-of-N, bit for bit (one segment, no pruning step)
         points = points if keep_fraction < 1.0 else []
-        plan = None
+        plan, requested = None, n
         if max_calls > 0 or spend_saved_calls:
             plan = plan_best_of_n(sampler, _Model, fix_empty_latent(model, latent_image).shape[1:], sigmas, seed,
                                   n, points, keep_fraction, max_calls)
             n = plan["starting_seeds"]
+        if plan is not None:
+            plain_one = plan["plain_best_of_n_calls_per_image"] / requested
+            planned = (f"planned: {plan['planned_calls_per_image']:.0f} model calls per image\n"
+                       f"  = {plan['planned_calls_per_image'] / plain_one:.1f}x a plain run")
+        else:
+            planned = f"planned: {n} seeds per image = {n}x a plain run"
+        show_text_on_node(planned)
         # candidates laid out candidate-major (like the steering samplers), each aligned with its item's conditioning
         tiled = {key: latent_image[key] for key in DOWNSCALE_KEYS if key in latent_image}
         tiled["samples"] = latent_image["samples"].repeat(n, *([1] * (latent_image["samples"].ndim - 1)))
@@ -329,14 +335,16 @@ class BestOfN(io.ComfyNode):
         result.update(pruning)
         if plan is not None:
             result["plan"] = plan
-        text = f"best of {n}: " + ", ".join(f"{v:.4f}" for v in result["best"])
+        text = f"best of {n}: {batch_text(result['best'])}"
         if pruning:
             text += (f"\nper image: {pruning['model_calls_per_image']:.0f} model calls, survivors "
                      + " -> ".join(str(p["candidates"]) for p in pruning["pruning"]) + f" -> {pruning['survivors']}")
             if pruning["stopped_by"] == "budget_seconds":
                 text += f"\nstopped by budget_seconds at step {pruning['stopped_at_step'] + 1}"
+        text += "\n" + planned
         show_text_on_node(text)
-        return io.NodeOutput({"samples": chosen}, {"samples": samples}, json.dumps(result), ui={"best_of_n": [result]})
+        return io.NodeOutput({"samples": chosen}, {"samples": samples}, json.dumps(result),
+                             ui={"best_of_n": [result], "text": [text]})
 
 
 def plan_best_of_n(sampler, model_view, item_shape, sigmas, seed, n, points, keep_fraction, max_calls) -> dict:

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..samplers.scoring import DECODERS, make_latent_scorer
 from ..samplers.tree import MODES, sample_tree
-from .sampling import TraceRecorder, ksampler_inputs, plot_panels, run_steering_ksampler, show_text_on_node
+from .sampling import TraceRecorder, batch_text, cost_text, ksampler_inputs, plot_panels, run_steering_ksampler
 from .types import Reward
 
 CATEGORY = "reward_steering/sampling"
@@ -67,16 +67,15 @@ def tree_options(reward, vae, mode, lam, rollouts, max_calls, max_seconds, paral
 
 
 class TreeRecorder(TraceRecorder):
-    def __call__(self, stats: dict) -> None:
-        if stats.get("done"):
-            self.summary = stats
-            show_text_on_node(f"done ({stats['mode']}, stopped by {stats['stopped_by']}): rollouts "
-                              f"{stats['rollouts']}, tree nodes {stats['tree_nodes']}\nbest reward ["
-                              + ", ".join(f"{r:.4f}" for r in stats["best_reward"]) + "]  per image: "
-                              f"{stats['model_calls_per_image']:.0f} model calls, {stats['seconds']:.1f} s")
-        else:
-            show_text_on_node(f"rollouts {stats['rollouts']}  model calls {stats['model_calls']}\nbest reward ["
-                              + ", ".join(f"{r:.4f}" for r in stats["best_reward"]) + "]")
+    def step_text(self, stats: dict) -> str:
+        return (f"rollouts: {batch_text(stats['rollouts'])}\nmodel calls: {batch_text(stats['model_calls'])}\n"
+                f"best reward: {batch_text(stats['best_reward'])}")
+
+    def done_text(self, summary: dict) -> str:
+        return (f"done ({summary['mode']}, stopped by {summary['stopped_by']})\nrollouts: "
+                f"{batch_text(summary['rollouts'])}, tree nodes: {batch_text(summary['tree_nodes'])}\nbest reward: {batch_text(summary['best_reward'])}\n"
+                f"{cost_text(summary['model_calls_per_image'], self.total_steps, 'spent: ')}\n"
+                f"{summary['seconds']:.1f} s")
 
 
 def plot_tree(trace: list[dict], title: str):
@@ -145,7 +144,7 @@ class KSamplerTree(io.ComfyNode):
         out, totals, trace = run_steering_ksampler(sample_tree, tree_options(**search), recorder, model, seed,
                                                    steps, cfg, scheduler, positive, negative, latent_image, denoise)
         plot = plot_tree(trace, f"{search['mode']}: reward ({search['reward'].describe()})")
-        return io.NodeOutput(out, recorder.json(), plot, ui={"tree": [totals]})
+        return io.NodeOutput(out, recorder.json(), plot, ui=recorder.ui(tree=[totals]))
 
 
 NODES = [TreeSampler, KSamplerTree]

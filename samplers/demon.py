@@ -132,6 +132,8 @@ def sample_demon(model, x, sigmas, extra_args=None, callback=None, disable=None,
     else:   # steering off (one candidate, or no noise to choose): every step is a plain Euler step
         steer = [False] * (len(sigmas) - 1)
     k, steer, planned = plan_budget(sigmas, steer, k, estimator, max_rollout_steps, budget, sigma_min)
+    if report is not None:
+        report({"plan": True, "model_calls_per_image": planned, "steps": len(sigmas) - 1})
     span = schedule_span(sigmas)
     counter = ComputeCounter(batch=batch)
     chunk = items_per_call(model, x.shape[1:], batch, chunk_items)

@@ -175,6 +175,8 @@ def sample_smc(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     rep = (n,) + (1,) * (x.ndim - 1)
     xs = x.repeat(*rep)
     pop = Population(batch, n, torch.device("cpu"))
+    if report is not None:   # one call per particle and step (gradient guidance adds backward passes)
+        report({"plan": True, "model_calls_per_image": steps * n, "steps": steps})
     trace = []
     for i in trange(steps, disable=disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])

@@ -248,6 +248,9 @@ def sample_tree(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         return denoise(model, states.to(x.device), level_sigmas.to(x.device), extra_args, batch, chunk,
                        counter).to(store)
 
+    if report is not None:   # the root call, then at most one call per rollout step, within max_calls
+        report({"plan": True, "model_calls_per_image": min(1 + rollouts * steps, max_calls or math.inf),
+                "steps": steps, "at_most": True})
     trees = [ItemTree(x[b].to(store)) for b in range(batch)]
     root_d = model_call(x.to(store), [0] * batch)
     for b, tree in enumerate(trees):

@@ -427,7 +427,7 @@ def test_step_statistics_are_shown_on_the_node(executor):
     run_scores(executor, ksampler_demon_prompt("eps", batch=1, k=2, steps=5))
     texts = [m[1] for m in executor.messages if isinstance(m[1], (bytes, bytearray))]
     decoded = [t.decode("utf-8", errors="replace") for t in texts]
-    assert any("candidate reward mean" in t for t in decoded)
+    assert any("candidates' mean" in t for t in decoded)
     assert any("model calls" in t for t in decoded)
     # the progress bar reached the end (ComfyUI throttles updates since v0.9.2, so their count means nothing)
     assert executor.progress and executor.progress[-1][:2] == (5, 5), executor.progress
