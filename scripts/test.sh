@@ -41,7 +41,7 @@ export COMFYUI_HOST COMFYUI_PYTHON COMFYUI_DIR
 if frontend=$(bash scripts/setup_browser.sh --newest-frontend | tail -n 1) && [ -d "${frontend#*=}" ]; then
   export REWARD_STEER_FRONTEND_ROOT="${frontend#*=}"
   echo "[test] ===== browser tests: ComfyUI $COMFYUI_HOST with the frontend in $REWARD_STEER_FRONTEND_ROOT ====="
-  run_pytest "ComfyUI $COMFYUI_HOST + newest frontend" tests/test_manual_pick_browser.py tests/test_templates_browser.py \
+  run_pytest "ComfyUI $COMFYUI_HOST + newest frontend" tests/test_*_browser.py \
     --junitxml="test-artifacts/junit-$COMFYUI_HOST-newest-frontend.xml" "$@"
   unset REWARD_STEER_FRONTEND_ROOT
 else

@@ -295,8 +295,9 @@ def rollout_calls_per_image(executor, sigma_max, sigma_min, steps=8, k=2):
                    "inputs": {"steps": steps, "sigma_max": sigma_max, "sigma_min": sigma_min, "rho": 7.0}}
     executor.run(prompt, want=("8",))
     texts = [m[1].decode("utf-8", errors="replace") for m in executor.messages if isinstance(m[1], (bytes, bytearray))]
-    calls = [int(c) for t in texts for c in re.findall(r"per image: (\d+) model calls", t)]
-    assert calls, texts
+    calls = [int(c) for t in texts for c in re.findall(r"spent: (\d+) model calls per image", t)]
+    planned = [int(c) for t in texts for c in re.findall(r"planned: (\d+) model calls per image", t)]
+    assert calls and planned[:1] == calls[-1:], texts   # the plan, shown before the first call, is what it spends
     return calls[-1]
 
 

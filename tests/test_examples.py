@@ -412,12 +412,15 @@ def demon_steps(texts: list[str]) -> tuple[list[bool], int, int]:
 
 
 def smc_steps(texts: list[str]) -> tuple[list[dict], list[float]]:
-    """Per step {ess, scored, resampled} and the final ESS, from an SMC SAMPLER's node texts (ESS to 2 decimals)."""
-    floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
-    steps = [{"ess": floats(re.search(r"ESS \[([^\]]*)\]", t).group(1)), "scored": "reward mean" in t,
-              "resampled": t.rstrip().endswith("resampled")} for t in texts if t.startswith("step ")]
+    """Per step {ess, scored, resampled} and the final ESS, from an SMC SAMPLER's node texts.  The text lists each
+    item's ESS for up to 3 items, else the mean and range: `ess` is then [min, max], enough for check_smc."""
+    def ess_of(text: str) -> list[float]:
+        spread = re.match(r"mean \S+ \((\S+) \.\. (\S+), \d+ items\)", text)
+        return [float(v) for v in (spread.groups() if spread else text.split(","))]
+    steps = [{"ess": ess_of(re.search(r"ESS: ([^\n]*)", t).group(1)), "scored": "particles' mean" in t,
+              "resampled": "\nresampled " in t} for t in texts if t.startswith("step ")]
     (done,) = [t for t in texts if t.startswith("done: ")]
-    return steps, floats(re.search(r"final ESS \[([^\]]*)\]", done).group(1))
+    return steps, ess_of(re.search(r"final ESS: ([^\n]*)", done).group(1))
 
 
 def check_smc(steps: list[dict], final_ess, particles: int, threshold: float, slack: float = 1e-9) -> None:
@@ -432,8 +435,10 @@ def check_smc(steps: list[dict], final_ess, particles: int, threshold: float, sl
             assert not any(resampled if isinstance(resampled, list) else [resampled]), (i, step)
         elif isinstance(resampled, list):
             assert resampled == [e < threshold * particles for e in ess], (i, step)
+        elif resampled:     # node text: ESS rounded to 3 significant digits, hence the slack both ways
+            assert min(ess) < threshold * particles + slack, (i, step)
         else:
-            assert resampled == any(e < threshold * particles - slack for e in ess), (i, step)
+            assert min(ess) >= threshold * particles - slack, (i, step)
     assert all(1 - slack <= e <= particles + slack for e in final_ess), final_ess
 
 
@@ -475,7 +480,7 @@ def check_traces(runs, name: str, graph: dict, history: dict) -> list[str]:
             elif sampler["class_type"] == "RewardSteerSMCSampler":
                 steps, final_ess = smc_steps(texts)
                 n = sampler["inputs"]["particles"]
-                check_smc(steps, final_ess, n, sampler["inputs"]["ess_threshold"], slack=0.005)
+                check_smc(steps, final_ess, n, sampler["inputs"]["ess_threshold"], slack=0.05)
                 assert sum(s["scored"] for s in steps) >= 2, texts
                 seen.append(f"{node_id}: SMC SAMPLER N={n}, scored {sum(s['scored'] for s in steps)}, "
                             f"resampled {sum(s['resampled'] for s in steps)} of {len(steps)} steps")

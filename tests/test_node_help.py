@@ -12,9 +12,9 @@ from comfy_client import REPO
 import build_node_docs
 
 
-def test_help_pages_match_the_node_schemas(pack):
+def test_help_pages_match_the_node_schemas():
     infos = {node.GET_SCHEMA().node_id: node.GET_SCHEMA().get_v1_info(node)
-             for node in pack.nodes.load_node_classes()}
+             for node in harness.pack_submodule("nodes").load_node_classes()}
     wanted = build_node_docs.pages(infos)
     assert len(wanted) == len(infos) >= 20
     stale = [name for name, text in wanted.items()

@@ -31,9 +31,9 @@ def inputs_of(info: dict):
             yield name, spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
-def test_every_input_and_output_has_a_tooltip(server, pack):
+def test_every_input_and_output_has_a_tooltip(server):
     nodes = pack_nodes(server.object_info)
-    registered = {node.GET_SCHEMA().node_id for node in pack.nodes.load_node_classes()}
+    registered = {node.GET_SCHEMA().node_id for node in harness.pack_submodule("nodes").load_node_classes()}
     assert set(nodes) == registered, sorted(set(nodes) ^ registered)
     missing, counts = [], {"inputs": 0, "outputs": 0}
     for node, info in sorted(nodes.items()):

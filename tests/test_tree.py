@@ -43,7 +43,9 @@ def run_tree(parametrization="eps", batch=ITEMS, seed=0, reward=None, x=None, st
     cond = cm.neutral_conditioning()
     summary, rounds = {}, []
     opts = {"score_fn": score_fn or scoring.make_latent_scorer(cm.ReferenceVAE(), reward),
-            "report": lambda s: summary.update(s) if s.get("done") or "pruning" in s else rounds.append(s),
+            # the plan (reported before the first model call) is neither a round nor the final report
+            "report": lambda s: None if s.get("plan") else
+            summary.update(s) if s.get("done") or "pruning" in s else rounds.append(s),
             **({"batch": sampler_batch} if sampler_batch else {}), **options}
     with torch.inference_mode():
         out = comfy.sample.sample_custom(patcher, noise, 1.0, comfy.samplers.KSAMPLER(sampler or tree.sample_tree,
