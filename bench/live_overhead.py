@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cost of the live candidate view (samplers/live.py) on the demo reference graph (workflows/demo_reference.json:
+"""Cost of the live candidate view (samplers/live.py) on the demo reference graph (the demo workflow:
 Demon K=16 and SMC N=16, 30 steps, 16 images of 256 px on the exact reference model), CPU.
 
 One real ComfyUI server; the demo is queued alternately with the view on (its client id has an open websocket, so
@@ -54,7 +54,7 @@ def main() -> None:
             off.append(run(server, uuid.uuid4().hex, seed=2 * r + 2))
         sizes = [len(e["image"] or "") for e in listener.events]
         listener.close()
-    result = {"graph": "workflows/demo_reference.json (Demon K=16 + SMC N=16, 30 steps, 16 images, 256 px)",
+    result = {"graph": "the demo workflow (Demon K=16 + SMC N=16, 30 steps, 16 images, 256 px)",
               "seconds_view_on": on, "seconds_view_off": off, "events_per_run": events,
               "mean_grid_base64_bytes": statistics.mean(sizes) if sizes else 0,
               "ratio_on_over_off": statistics.mean(on) / statistics.mean(off)}

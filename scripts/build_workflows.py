@@ -287,22 +287,22 @@ def example_sd15_hps_best_of_n() -> dict:
 
 
 WORKFLOWS = {
-    "demo_reference.json": demo_reference,
-    "example_sd15_demon.json": example_sd15_demon,
-    "example_sdxl_demon.json": example_sdxl_demon,
-    "example_flux_demon.json": example_flux_demon,
-    "example_sd15_smc.json": example_sd15_smc,
-    "example_sdxl_smc.json": example_sdxl_smc,
-    "example_flux_smc.json": example_flux_smc,
-    "example_sd15_aesthetic_demon.json": example_sd15_aesthetic_demon,
-    "example_sd15_aesthetic_clipvision_demon.json": example_sd15_aesthetic_clipvision_demon,
-    "example_sdxl_clipscore_smc.json": example_sdxl_clipscore_smc,
-    "example_reference_vlm_demon.json": example_reference_vlm_demon,
-    "example_sdxl_vlm_demon.json": example_sdxl_vlm_demon,
-    "example_reference_manual_pick.json": example_reference_manual_pick,
-    "example_sdxl_image_reward_demon.json": example_sdxl_image_reward_demon,
-    "example_flux_pickscore_smc.json": example_flux_pickscore_smc,
-    "example_sd15_hps_best_of_n.json": example_sd15_hps_best_of_n,
+    "Start here, Demon and SMC vs plain (no downloads).json": demo_reference,
+    "SD1.5 + Demon, warmer colours.json": example_sd15_demon,
+    "SDXL + Demon, warmer colours.json": example_sdxl_demon,
+    "Flux + Demon sampler, warmer colours.json": example_flux_demon,
+    "SD1.5 + SMC, warmer colours.json": example_sd15_smc,
+    "SDXL + SMC, warmer colours.json": example_sdxl_smc,
+    "Flux + SMC sampler, warmer colours.json": example_flux_smc,
+    "SD1.5 + Demon, LAION aesthetic.json": example_sd15_aesthetic_demon,
+    "SD1.5 + Demon, aesthetic from CLIP Vision.json": example_sd15_aesthetic_clipvision_demon,
+    "SDXL + SMC, CLIP score.json": example_sdxl_clipscore_smc,
+    "Reference model + Demon, a VLM judges.json": example_reference_vlm_demon,
+    "SDXL + Demon, a VLM judges.json": example_sdxl_vlm_demon,
+    "Reference model + Demon, you pick.json": example_reference_manual_pick,
+    "SDXL + Demon, ImageReward.json": example_sdxl_image_reward_demon,
+    "Flux + SMC, PickScore.json": example_flux_pickscore_smc,
+    "SD1.5 + best of N, HPSv2.1.json": example_sd15_hps_best_of_n,
 }
 
 
@@ -344,62 +344,62 @@ def _note(shows: str, files: str, knobs: str) -> str:
 
 # file -> (the Note shown in the graph, the workflow's one-line description)
 NOTES = {
-    "demo_reference.json": (_note(
+    "Start here, Demon and SMC vs plain (no downloads).json": (_note(
         "the same seed sampled plainly, with Demon and with SMC / FK steering on the built-in reference model, whose "
         "steered answer is known exactly. Score Images shows each method's mean reward; Exact Target shows the exact "
         "answer. Steered means should move from the plain mean toward the exact one.",
         "none: the reference model is built in.",
         "Change the reward (colour) or lam on Exact Target and SMC together; " + DEMON_KNOBS),
         "Plain vs Demon vs SMC on the exact reference model, scored and compared with the exact answer"),
-    "example_sd15_demon.json": (_note("SD 1.5 steered by Demon toward warmer colours.", SD15_FILE, DEMON_KNOBS),
+    "SD1.5 + Demon, warmer colours.json": (_note("SD 1.5 steered by Demon toward warmer colours.", SD15_FILE, DEMON_KNOBS),
                                 "SD 1.5 + Demon toward warmer colours"),
-    "example_sdxl_demon.json": (_note("SDXL steered by Demon toward warmer colours.", SDXL_FILE, DEMON_KNOBS),
+    "SDXL + Demon, warmer colours.json": (_note("SDXL steered by Demon toward warmer colours.", SDXL_FILE, DEMON_KNOBS),
                                 "SDXL + Demon toward warmer colours"),
-    "example_flux_demon.json": (_note("Flux (a flow model) with the Demon SAMPLER in SamplerCustomAdvanced, steering "
+    "Flux + Demon sampler, warmer colours.json": (_note("Flux (a flow model) with the Demon SAMPLER in SamplerCustomAdvanced, steering "
                                       "the first 60 % of the steps.", FLUX_FILES, DEMON_KNOBS),
                                 "Flux + Demon sampler in SamplerCustomAdvanced"),
-    "example_sd15_smc.json": (_note("SD 1.5 with SMC / FK steering toward warmer colours.", SD15_FILE, SMC_KNOBS),
+    "SD1.5 + SMC, warmer colours.json": (_note("SD 1.5 with SMC / FK steering toward warmer colours.", SD15_FILE, SMC_KNOBS),
                               "SD 1.5 + SMC / FK steering toward warmer colours"),
-    "example_sdxl_smc.json": (_note("SDXL with SMC / FK steering toward warmer colours.", SDXL_FILE, SMC_KNOBS),
+    "SDXL + SMC, warmer colours.json": (_note("SDXL with SMC / FK steering toward warmer colours.", SDXL_FILE, SMC_KNOBS),
                               "SDXL + SMC / FK steering toward warmer colours"),
-    "example_flux_smc.json": (_note("Flux with the SMC SAMPLER in SamplerCustomAdvanced.", FLUX_FILES, SMC_KNOBS),
+    "Flux + SMC sampler, warmer colours.json": (_note("Flux with the SMC SAMPLER in SamplerCustomAdvanced.", FLUX_FILES, SMC_KNOBS),
                               "Flux + SMC sampler in SamplerCustomAdvanced"),
-    "example_sd15_aesthetic_demon.json": (_note("SD 1.5 steered by Demon toward the LAION aesthetic score.",
+    "SD1.5 + Demon, LAION aesthetic.json": (_note("SD 1.5 steered by Demon toward the LAION aesthetic score.",
                                                 SD15_FILE + "; " + OPEN_CLIP_FILE, DEMON_KNOBS),
                                           "SD 1.5 + Demon toward the LAION aesthetic score (open_clip)"),
-    "example_sd15_aesthetic_clipvision_demon.json": (_note(
+    "SD1.5 + Demon, aesthetic from CLIP Vision.json": (_note(
         "the aesthetic reward on ComfyUI's core Load CLIP Vision backbone.",
         SD15_FILE + "; models/clip_vision/clip_vision_vit_l_14.safetensors (OpenAI CLIP ViT-L/14 vision tower) and "
         "models/aesthetic/sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor head)", DEMON_KNOBS),
         "SD 1.5 + Demon toward the LAION aesthetic score (core CLIP vision)"),
-    "example_sdxl_clipscore_smc.json": (_note("SDXL with SMC toward the prompt's CLIP score.",
+    "SDXL + SMC, CLIP score.json": (_note("SDXL with SMC toward the prompt's CLIP score.",
                                               SDXL_FILE + "; models/open_clip/open_clip_vit_l_14.safetensors "
                                               "(OpenAI CLIP ViT-L/14 in open_clip format)", SMC_KNOBS),
                                         "SDXL + SMC toward the prompt's CLIP score"),
-    "example_reference_vlm_demon.json": (_note(
+    "Reference model + Demon, a VLM judges.json": (_note(
         "Demon on the reference model judged by a vision-language model (pairwise tournament, top half = 1).",
         "none; a running OpenAI-compatible vision server at base_url (vLLM, Ollama, LM Studio; key from the "
         "environment variable named in api_key_env).", "First knobs: base_url, model, rubric; then k and beta."),
         "Reference model + Demon judged by a VLM server"),
-    "example_sdxl_vlm_demon.json": (_note("SDXL + Demon with a VLM judging candidates against the prompt.",
+    "SDXL + Demon, a VLM judges.json": (_note("SDXL + Demon with a VLM judging candidates against the prompt.",
                                           SDXL_FILE + "; an OpenAI-compatible vision server at base_url.",
                                           "First knobs: base_url, model, rubric; then k and beta."),
                                     "SDXL + Demon judged by a VLM server"),
-    "example_reference_manual_pick.json": (_note(
+    "Reference model + Demon, you pick.json": (_note(
         "you are the reward: at each of the first steps a grid of candidates appears in the page; pick the ones "
         "you like. If nobody answers within the timeout, the colour reward decides.", "none.",
         "First knobs: question, ask_every, timeout; k on the sampler is the grid size."),
         "Reference model + Demon steered by your picks in the page"),
-    "example_sdxl_image_reward_demon.json": (_note(
+    "SDXL + Demon, ImageReward.json": (_note(
         "SDXL + Demon toward ImageReward of the prompt.",
         SDXL_FILE + "; models/image_reward/ImageReward.pt + med_config.json (THUDM/ImageReward) and "
         "models/image_reward/bert-base-uncased/vocab.txt (google-bert/bert-base-uncased)", DEMON_KNOBS),
         "SDXL + Demon toward ImageReward"),
-    "example_flux_pickscore_smc.json": (_note(
+    "Flux + SMC, PickScore.json": (_note(
         "Flux + SMC SAMPLER toward PickScore of the prompt.",
         FLUX_FILES + "; models/pickscore/PickScore_v1/ (the yuvalkirstain/PickScore_v1 folder)", SMC_KNOBS),
         "Flux + SMC toward PickScore"),
-    "example_sd15_hps_best_of_n.json": (_note(
+    "SD1.5 + best of N, HPSv2.1.json": (_note(
         "SD 1.5 best-of-N (seed search) ranked by HPS v2.1 of the prompt.",
         SD15_FILE + "; models/hps/HPS_v2.1_compressed.pt (xswu/HPSv2)",
         "First knob: n (candidates per image; cost is n plain runs)."),

@@ -14,6 +14,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The example files' names are their titles in ComfyUI's template browser (it shows a custom pack's file stems)
+DEMO_WORKFLOW = REPO / "workflows" / "Start here, Demon and SMC vs plain (no downloads).json"
+MANUAL_PICK_WORKFLOW = REPO / "workflows" / "Reference model + Demon, you pick.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Example workflows name the user's model files, which a test host does not have: such values are not
 # checked against the (empty) file lists.

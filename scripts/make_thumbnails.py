@@ -1,46 +1,72 @@
 #!/usr/bin/env python3
 """Write the template browser's thumbnails, workflows/<name>.jpg (the name every frontend asks a custom node pack
-for: /api/workflow_templates/<pack>/<name>.jpg).  The demo's is its real output: the same seed's images sampled
-plainly, with Demon and with SMC on the reference model, one row each.  The others need model files (or a person,
-or a VLM server), so theirs is the graph itself as the page draws it.  Needs the browser set-up
-(scripts/setup_browser.sh).
+for: /api/workflow_templates/<pack>/<name>.jpg), 400 x 300.
 
-    .host/v0.28.2/venv/bin/python scripts/make_thumbnails.py
+- The demo's is its real output: the same seed's images sampled plainly, with Demon and with SMC on the reference
+  model, one row each (a ComfyUI server runs the demo).
+- The other examples need model files, a person or a VLM server, so theirs is a card drawn from the graph itself:
+  the title, model -> steering -> reward in the graph's group colours, the steering's size (K, particles, n) and
+  the files the graph loads.  No screenshot: a graph without its model files would show missing-model banners.
+
+    .host/v0.28.2/venv/bin/python scripts/make_thumbnails.py            # all
+    .host/v0.28.2/venv/bin/python scripts/make_thumbnails.py --cards    # the cards only (no server)
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_workflows import FIT_VIEW_JS, load_in_renderer  # noqa: E402
-from comfy_client import REPO, ComfyServer, ui_to_api  # noqa: E402
+from build_workflows import NOTES, WORKFLOWS, api_graph  # noqa: E402
+from comfy_client import DEMO_WORKFLOW, GROUPS, MODEL_FILE_SUFFIXES, REPO, ComfyServer, ui_to_api  # noqa: E402
 
 SIZE = (400, 300)
+BACKGROUND = (32, 32, 32)
 DEMO_ROWS = [("plain", "plain"), ("Demon", "demon_0"), ("SMC / FK", "fk_0")]
+# the steering node's size, as the card states it
+STEERING_SIZE = {"RewardSteerKSamplerDemon": ("k", "K = {}"), "RewardSteerDemonSampler": ("k", "K = {}"),
+                 "RewardSteerKSamplerSMC": ("particles", "{} particles"),
+                 "RewardSteerSMCSampler": ("particles", "{} particles"), "RewardSteerBestOfN": ("n", "n = {}")}
+
+
+def font(size: int, bold: bool = False) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf", size)
+    except OSError:   # no DejaVu on this machine: Pillow's own scalable font
+        return ImageFont.load_default(size)
+
+
+def wrap(text: str, face: ImageFont.ImageFont, width: int, sep: str = " ") -> list[str]:
+    """Lines of `text` no wider than `width` px, broken at `sep`."""
+    lines: list[str] = []
+    for word in text.split(sep):
+        if lines and face.getlength(lines[-1] + sep + word) <= width:
+            lines[-1] += sep + word
+        else:
+            lines.append(word)
+    return lines
 
 
 def save_jpeg(img: Image.Image, path: Path) -> None:
     img = img.convert("RGB")
     img.thumbnail(SIZE)
-    card = Image.new("RGB", SIZE, (32, 32, 32))
+    card = Image.new("RGB", SIZE, BACKGROUND)
     card.paste(img, ((SIZE[0] - img.width) // 2, (SIZE[1] - img.height) // 2))
-    card.save(path, "JPEG", quality=80, optimize=True)
+    card.save(path, "JPEG", quality=85, optimize=True)
     print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
 def demo_thumbnail(server: ComfyServer, output_dir: Path, info: dict) -> Image.Image:
     """Rows of the demo's first 8 images per method, labelled."""
-    workflow = json.loads((REPO / "workflows" / "demo_reference.json").read_text())
+    workflow = json.loads(DEMO_WORKFLOW.read_text())
     server.run(ui_to_api(workflow, info), timeout=900)
     folder = output_dir / "reward_steering_demo"
     tile, label_w = 64, 80
-    card = Image.new("RGB", (label_w + 8 * tile, tile * len(DEMO_ROWS)), (32, 32, 32))
+    card = Image.new("RGB", (label_w + 8 * tile, tile * len(DEMO_ROWS)), BACKGROUND)
     draw = ImageDraw.Draw(card)
     for row, (label, prefix) in enumerate(DEMO_ROWS):
         files = sorted(p for p in folder.glob(f"{prefix}*.png") if "trace" not in p.name)[:8]
@@ -52,35 +78,61 @@ def demo_thumbnail(server: ComfyServer, output_dir: Path, info: dict) -> Image.I
     return card
 
 
-def graph_thumbnail(page, workflow: dict) -> Image.Image:
-    load_in_renderer(page, workflow, vue=False)
-    page.evaluate(FIT_VIEW_JS, 10)
-    page.wait_for_timeout(300)
-    return Image.open(io.BytesIO(page.screenshot()))
+def model_files(graph: dict) -> list[str]:
+    return sorted({v for node in graph.values() for v in node["inputs"].values()
+                   if isinstance(v, str) and v.endswith(MODEL_FILE_SUFFIXES)})
+
+
+def graph_card(filename: str) -> Image.Image:
+    """model -> steering -> reward, from the file's title (`<model> + <steering>, <reward>`) and its graph."""
+    title = Path(filename).stem
+    graph = api_graph(filename)
+    model, rest = title.split(" + ", 1)
+    steering, reward = rest.split(", ", 1)
+    size = next((fmt.format(node["inputs"][key]) for node in graph.values()
+                 if (spec := STEERING_SIZE.get(node["class_type"])) for key, fmt in [spec]), "")
+    card = Image.new("RGB", SIZE, BACKGROUND)
+    draw = ImageDraw.Draw(card)
+    y = 14
+    for line in wrap(title, font(22, bold=True), SIZE[0] - 32):
+        draw.text((16, y), line, font=font(22, bold=True), fill="white")
+        y += 28
+    boxes = [("model", model, ""), ("steering", steering, size), ("reward", reward, "")]
+    w, gap, top = 112, 10, max(y + 14, 84)
+    for i, (group, name, detail) in enumerate(boxes):
+        x = 16 + i * (w + gap)
+        draw.rounded_rectangle((x, top, x + w, top + 92), radius=8, fill=GROUPS[group])
+        draw.text((x + 8, top + 6), group, font=font(12), fill=(235, 235, 235))
+        lines = wrap(name, font(14, bold=True), w - 14)[:3] + ([detail] if detail else [])
+        for j, line in enumerate(lines):
+            draw.text((x + 8, top + 26 + 16 * j), line, font=font(14, bold=j < len(lines) - bool(detail)),
+                      fill="white")
+        if i < 2:
+            draw.polygon([(x + w + 2, top + 40), (x + w + gap - 2, top + 46), (x + w + 2, top + 52)], fill="white")
+    y = top + 106
+    description = NOTES[filename][1]
+    for line in wrap(description, font(14), SIZE[0] - 32)[:2]:
+        draw.text((16, y), line, font=font(14), fill=(220, 220, 220))
+        y += 19
+    files = model_files(graph)
+    needs = "needs: " + ", ".join(files) if files else "needs no model files"
+    for line in wrap(needs, font(12), SIZE[0] - 32, sep=", ")[:4]:
+        draw.text((16, y + 4), line, font=font(12), fill=(170, 170, 170))
+        y += 16
+    return card
 
 
 def main() -> int:
-    from playwright.sync_api import sync_playwright
+    for filename in WORKFLOWS:
+        if filename != DEMO_WORKFLOW.name:
+            save_jpeg(graph_card(filename), (REPO / "workflows" / filename).with_suffix(".jpg"))
+    if "--cards" in sys.argv:
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        user, out = Path(tmp) / "user", Path(tmp) / "output"
-        (user / "default").mkdir(parents=True)
-        (user / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-        with ComfyServer(output_dir=out, extra_args=["--user-directory", str(user)]) as server, \
-                sync_playwright() as p:
+        out = Path(tmp) / "output"
+        with ComfyServer(output_dir=out) as server:
             info = server.get("/object_info", timeout=120)
-            save_jpeg(demo_thumbnail(server, out, info), REPO / "workflows" / "demo_reference.jpg")
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.LiteGraph?."
-                                   "registered_node_types?.RewardSteerKSamplerDemon", timeout=120_000)
-            page.wait_for_timeout(500)
-            page.keyboard.press("Escape")
-            for path in sorted((REPO / "workflows").glob("*.json")):
-                if path.stem != "demo_reference":
-                    save_jpeg(graph_thumbnail(page, json.loads(path.read_text())), path.with_suffix(".jpg"))
-            browser.close()
+            save_jpeg(demo_thumbnail(server, out, info), DEMO_WORKFLOW.with_suffix(".jpg"))
     return 0
 
 

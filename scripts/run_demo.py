@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The main job on the embedded default: install the newest ComfyUI host that can be installed if it is missing,
-start ComfyUI headless on 127.0.0.1, queue workflows/demo_reference.json (plain sampling vs the Demon sampler vs
+start ComfyUI headless on 127.0.0.1, queue the demo workflow (workflows/Start here, ....json) (plain sampling vs the Demon sampler vs
 SMC / FK steering), save the images and a summary (mean rewards next to the exact answers), print where they are,
 and stop the server.
 
@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_client import REPO, ComfyServer, ui_to_api, validate_ui_workflow  # noqa: E402
+from comfy_client import DEMO_WORKFLOW, REPO, ComfyServer, ui_to_api, validate_ui_workflow  # noqa: E402
 
-WORKFLOW = REPO / "workflows" / "demo_reference.json"
+WORKFLOW = DEMO_WORKFLOW
 
 
 def node_id_of(api: dict, class_type: str, title: str | None = None) -> str:

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 import harness
-from comfy_client import MODEL_FILE_SUFFIXES, REPO, ComfyServer, ui_to_api
+from comfy_client import MANUAL_PICK_WORKFLOW, MODEL_FILE_SUFFIXES, REPO, ComfyServer, ui_to_api
 from test_vlm import ScriptedVLM
 from tiny_models_dir import FOLDERS, models_config, write_named_files
 
@@ -333,7 +333,7 @@ def runs(tmp_path_factory):
                 prepared[name], prompts[name] = graph, graph
                 families |= used
             # manual pick over the API: the same run with its fallback reward connected straight to the sampler
-            pick = prepared.get("example_reference_manual_pick.json")
+            pick = prepared.get(MANUAL_PICK_WORKFLOW.name)
             if isinstance(pick, dict):
                 prompts["manual pick: fallback reward"] = fallback_twin(pick)
             off = {family: steering_off_prompt(family) for family in sorted(families)}
@@ -541,7 +541,7 @@ def test_manual_pick_over_the_api_applies_its_on_timeout_policy_at_once(runs):
     """Queued over the API (no client id), nobody can answer: Manual Pick applies on_timeout ('fallback reward' in the
     example) without waiting its timeout -- the run equals the same graph with the fallback reward connected to the
     sampler directly, bit for bit."""
-    name = "example_reference_manual_pick.json"
+    name = MANUAL_PICK_WORKFLOW.name
     history, graph = result(runs, name), runs["prepared"][name]
     (pick,) = [v for v in graph.values() if v["class_type"] == "RewardSteerManualPickReward"]
     assert pick["inputs"]["on_timeout"] == "fallback reward" and is_link(pick["inputs"].get("fallback"))

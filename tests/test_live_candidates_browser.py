@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-from comfy_client import REPO
+from comfy_client import DEMO_WORKFLOW, REPO
 from test_manual_pick_browser import ARTIFACTS, LAUNCH_ARGS, NODE_BY_ID_JS, browser, comfy  # noqa: F401 (fixtures)
 
-WORKFLOW = REPO / "workflows" / "demo_reference.json"
+WORKFLOW = DEMO_WORKFLOW
 READY_JS = """() => { const app = window.comfyAPI?.app?.app;
         return app && app.graph && window.comfyAPI.api.api.clientId && window.__rewardSteeringLive &&
                app.extensions.some(e => e.name === 'RewardSteering.LiveCandidates'); }"""

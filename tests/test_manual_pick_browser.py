@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfy_client import REPO, ComfyServer, ui_to_api
+from comfy_client import MANUAL_PICK_WORKFLOW, REPO, ComfyServer, ui_to_api
 
 CHROMIUM = "/usr/bin/chromium"
-WORKFLOW = REPO / "workflows" / "example_reference_manual_pick.json"
+WORKFLOW = MANUAL_PICK_WORKFLOW
 ARTIFACTS = REPO / "test-artifacts"
 GRID = '[data-testid="rs-manual-pick"]'
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

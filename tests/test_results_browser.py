@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 
-from comfy_client import REPO
+from comfy_client import DEMO_WORKFLOW
 from test_manual_pick_browser import ARTIFACTS, NODE_BY_ID_JS, browser, comfy  # noqa: F401 (fixtures)
 
-WORKFLOW = REPO / "workflows" / "demo_reference.json"
+WORKFLOW = DEMO_WORKFLOW
 RESULT_NODES = {"7": "mean", "12": "mean", "17": "mean", "8": "E_p[r]", "9": "spent:", "14": "spent:"}
 READY_JS = """() => { const app = window.comfyAPI?.app?.app;
         return app && app.graph && window.comfyAPI.api.api.clientId &&

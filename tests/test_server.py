@@ -12,7 +12,7 @@ import pytest
 import build_workflows
 import harness
 import run_demo
-from comfy_client import REPO, api_to_ui, host_paths, ui_to_api, validate_ui_workflow
+from comfy_client import DEMO_WORKFLOW, REPO, api_to_ui, host_paths, ui_to_api, validate_ui_workflow
 from test_registry import EXPECTED_NODE_IDS
 
 WORKFLOW_FILES = sorted((REPO / "workflows").glob("*.json"))
@@ -141,7 +141,7 @@ def test_validator_catches_broken_workflows(server):
 
 
 def test_demo_workflow_over_http_produces_images_and_scores(server):
-    workflow = json.loads((REPO / "workflows" / "demo_reference.json").read_text())
+    workflow = json.loads(DEMO_WORKFLOW.read_text())
     api = ui_to_api(workflow, server.object_info)
     history = server.run(api, timeout=300)
     outputs = history["outputs"]
@@ -238,7 +238,7 @@ def test_demo_check_catches_a_reference_vae_that_stops_working(executor, monkeyp
 
 
 def test_bad_input_over_http_reports_and_keeps_the_queue(server):
-    workflow = json.loads((REPO / "workflows" / "demo_reference.json").read_text())
+    workflow = json.loads(DEMO_WORKFLOW.read_text())
     api = ui_to_api(workflow, server.object_info)
     api["1"]["inputs"]["weights"] = "1, 2"   # 8 components need 8 weights
     with pytest.raises(RuntimeError, match="weights lists 2 numbers but the model has 8 components"):

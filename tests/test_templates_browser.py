@@ -7,11 +7,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import urllib.parse
+import urllib.request
 
 import pytest
 
 from build_workflows import FIT_VIEW_JS, load_in_renderer, renderers
-from comfy_client import REPO, TITLE_HEIGHT, node_group
+from comfy_client import DEMO_WORKFLOW, REPO, TITLE_HEIGHT, node_group
 from test_manual_pick_browser import READY_JS, browser, comfy  # noqa: F401  (fixtures)
 
 PACK_NAME = "comfyui-reward-steering"
@@ -94,27 +96,78 @@ def test_example_graph_reads_at_a_glance_in_every_renderer(page, comfy, name):  
 def test_server_lists_the_example_workflows_as_the_packs_templates(comfy):  # noqa: F811
     listed = comfy.get("/api/workflow_templates")
     assert sorted(listed.get(PACK_NAME, [])) == TEMPLATES, listed
-    served = comfy.get(f"/api/workflow_templates/{PACK_NAME}/demo_reference.json")
-    assert served == json.loads((REPO / "workflows" / "demo_reference.json").read_text())
+    served = comfy.get(f"/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(DEMO_WORKFLOW.name)}")
+    assert served == json.loads(DEMO_WORKFLOW.read_text())
+
+
+# The image of the template card titled `title`: the smallest ancestor of the title's text that holds an <img>
+# (the frontend loads thumbnails as blob: URLs, so the card, not the src, says whose image it is)
+CARD_IMAGE_JS = """(title) => { const texts = Array.from(document.querySelectorAll('[role="dialog"] *'))
+    .filter(e => e.children.length === 0 && e.textContent.trim() === title);
+  for (const text of texts) { let card = text; while (card && !card.querySelector('img')) card = card.parentElement;
+    const img = card && card.querySelector('img');
+    if (img) return {complete: img.complete, width: img.naturalWidth, height: img.naturalHeight}; }
+  return null; }"""
+
+
+def test_thumbnails_are_served(comfy):  # noqa: F811
+    """Every example has its workflows/<name>.jpg, served where the frontend asks (HTTP 200, a JPEG, the file)."""
+    for name in TEMPLATES:
+        path = REPO / "workflows" / f"{name}.jpg"
+        assert path.exists(), f"no thumbnail for {name}: run scripts/make_thumbnails.py"
+        url = f"{comfy.url}/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(name)}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg", name
+            assert response.read() == path.read_bytes(), name
 
 
 def test_template_browser_shows_every_example_and_loads_one(browser, comfy):  # noqa: F811
+    """The pack's category lists the demo first, then each example titled with its file name, with its own thumbnail
+    loaded (the card's image is workflows/<name>.jpg at its 400 x 300, not the frontend's placeholder); choosing the
+    demo loads it."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    thumbnails = {}     # the thumbnails the page fetched from the server, by file name -> HTTP status
+    page.on("response", lambda r: thumbnails.update({urllib.parse.unquote(r.url.split(prefix)[1]): r.status})
+            if prefix in r.url and r.url.endswith(".jpg") else None)
+    prefix = f"/api/workflow_templates/{PACK_NAME}/"
     page.goto(comfy.url, wait_until="domcontentloaded", timeout=120_000)
     page.wait_for_function(READY_JS, timeout=120_000)
     page.evaluate("() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     dialog = page.wait_for_selector(f'[role="dialog"]:has-text("{PACK_NAME}")', timeout=30_000)
     dialog.wait_for_selector(f"text={PACK_NAME}", timeout=30_000).click()
-    for name in TEMPLATES:   # each template's card, titled with its file name
-        dialog.wait_for_selector(f"text={name}", timeout=30_000)
+    shown = page.wait_for_function("""(names) => { const order = Array.from(document.querySelectorAll(
+        '[role="dialog"] *')).filter(e => e.children.length === 0 && names.includes(e.textContent.trim()))
+        .map(e => e.textContent.trim()); return order.length > 0 && order; }""", arg=TEMPLATES,
+        timeout=30_000).json_value()
+    assert shown[0] == DEMO_WORKFLOW.stem, shown    # web/template_order.js: the demo first, whatever the disk order
+    for name in TEMPLATES:   # each template's card, titled with its file name, its thumbnail loaded
+        dialog.wait_for_selector(f"text={name}", timeout=30_000).scroll_into_view_if_needed()
+        image = page.wait_for_function(f"(t) => {{ const i = ({CARD_IMAGE_JS})(t); return i && i.complete && "
+                                       "i.width > 0 && i; }", arg=name, timeout=30_000).json_value()
+        assert (image["width"], image["height"]) == (400, 300), (name, image)   # ours, not a placeholder
+    assert sorted(thumbnails) == sorted(f"{name}.jpg" for name in TEMPLATES), thumbnails
+    assert set(thumbnails.values()) == {200}, thumbnails
+    dialog.query_selector(f"text={DEMO_WORKFLOW.stem}").scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)     # the cards fade their images in
     page.screenshot(path=str(REPO / "test-artifacts" / "template_browser.png"))
-    dialog.wait_for_selector("text=demo_reference", timeout=10_000).click()
+    dialog.wait_for_selector(f"text={DEMO_WORKFLOW.stem}", timeout=10_000).click()
     page.wait_for_selector(f'[role="dialog"]:has-text("{PACK_NAME}")', state="detached", timeout=30_000)
     types = page.wait_for_function("""() => { const nodes = window.comfyAPI.app.app.graph._nodes.map(n => n.type);
         return nodes.includes('RewardSteerKSamplerDemon') && nodes; }""", timeout=30_000).json_value()
-    demo = json.loads((REPO / "workflows" / "demo_reference.json").read_text())
+    demo = json.loads(DEMO_WORKFLOW.read_text())
     assert sorted(types) == sorted(n["type"] for n in demo["nodes"])
+    page.wait_for_timeout(500)
+    # Frontends up to 1.3x open a workflow at its saved view (0.8); 1.58 fits every template to the window whatever
+    # the file says (its loadGraphData: source "template" -> fitView), so there the whole graph must be in view.
+    view = page.evaluate("""() => { const c = window.comfyAPI.app.app.canvas, ds = c.ds;
+        const r = c.canvas.getBoundingClientRect(), boxes = c.graph._nodes.map(n => Array.from(n.getBounding()));
+        const x0 = -ds.offset[0], y0 = -ds.offset[1], x1 = x0 + r.width / ds.scale, y1 = y0 + r.height / ds.scale;
+        return {scale: ds.scale, all_in_view: boxes.every(b => b[0] >= x0 && b[1] >= y0 && b[0] + b[2] <= x1 &&
+                                                                  b[1] + b[3] <= y1)}; }""")
+    assert abs(view["scale"] - demo["extra"]["ds"]["scale"]) < 0.01 or view["all_in_view"], view
+    (REPO / "test-artifacts" / "demo_from_template.json").write_text(json.dumps(view))
+    page.screenshot(path=str(REPO / "test-artifacts" / "demo_from_template.png"))
     assert errors == []
     page.close()
