@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import harness  # noqa: E402
+import plotting  # noqa: E402  (bench/plotting.py, beside this file)
 from comfy_client import host_paths  # noqa: E402
 
 harness.bootstrap_comfy(host_paths()[1])
@@ -233,44 +234,6 @@ def overhead(quick: bool) -> dict:
     return result
 
 
-def plot(results: dict, path: Path) -> None:
-    from PIL import Image, ImageDraw
-    width, height = 1200, 480
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    colours = {"paper": (200, 0, 0), "best-of-N": (100, 100, 100), "demon tweedie tanh": (31, 119, 180),
-               "demon tweedie boltzmann": (44, 160, 44), "demon ode tanh": (148, 103, 189),
-               "demon tweedie tanh (paper schedule)": (255, 127, 14), "demon tweedie tanh (15 steps)": (23, 190, 207),
-               "demon ode tanh (late window)": (140, 86, 75)}
-    for panel, (reward_name, rows) in enumerate(results.items()):
-        left, right = 70 + panel * 600, 560 + panel * 600
-        top, bottom = 40, height - 90
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, 10), reward_name + ": mean reward vs model calls / image (log)", fill="black")
-        xs = [math.log10(r["model_calls_per_image"]) for r in rows]
-        ys = [r["mean_reward"] for r in rows]
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-        y1 = y1 if y1 > y0 else y0 + 1e-6
-
-        def xy(r):
-            return (left + (right - left) * (math.log10(r["model_calls_per_image"]) - x0) / (x1 - x0),
-                    bottom - (bottom - top) * (r["mean_reward"] - y0) / (y1 - y0))
-
-        for family, colour in colours.items():
-            pts = sorted((xy(r) for r in rows if r["family"] == family))
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2)
-            for p in pts:
-                draw.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=colour)
-        draw.text((left - 60, top), f"{y1:.3f}", fill="black")
-        draw.text((left - 60, bottom - 10), f"{y0:.3f}", fill="black")
-        draw.text((left, bottom + 5), f"{10 ** x0:.0f}", fill="black")
-        draw.text((right - 40, bottom + 5), f"{10 ** x1:.0f}", fill="black")
-    for i, (family, colour) in enumerate(colours.items()):
-        draw.rectangle([20 + (i % 4) * 290, height - 44 + 20 * (i // 4), 32 + (i % 4) * 290, height - 32 + 20 * (i // 4)],
-                       fill=colour)
-        draw.text((36 + (i % 4) * 290, height - 45 + 20 * (i // 4)), family, fill="black")
-    img.save(path)
 
 
 def main() -> int:
@@ -293,7 +256,7 @@ def main() -> int:
     report = {"device": "cpu", "threads": torch.get_num_threads(), "images_per_config": args.images,
               "reward_vs_calls": results, "verdicts": summary, "overhead": over}
     (out_dir / "demon.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, out_dir / "demon.png")
+    plotting.demon_plot(report, out_dir / "demon.png")
     print("\nverdicts:")
     for reward_name, v in summary.items():
         wins = sum(b["beats"] for b in v["vs_best_of_n"])

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demon_bench as common  # noqa: E402  (bootstraps ComfyUI in-process and loads the pack)
 import smc_bench  # noqa: E402
+import plotting  # noqa: E402  (bench/plotting.py, beside this file)
 
 import torch  # noqa: E402
 
@@ -217,49 +218,6 @@ def law_error(populations: int, tiny: bool) -> dict:
             "exact_tilted_probabilities": p.tolist()}
 
 
-COLOURS = {"best-of-N": (90, 90, 90), "pruned best-of-N": (148, 103, 189), "Demon tweedie": (31, 119, 180),
-           "Demon ode": (23, 190, 207), "Demon paper default": (0, 0, 0), "FK / SMC": (214, 39, 40),
-           "DTS": (44, 160, 44), "DTS*": (255, 127, 14)}
-
-
-def plot(results: dict, law: dict, path: Path) -> None:
-    """One panel per reward (mean reward vs calls, log x) and the law error panel; drawn as smc_bench draws."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (1300, 950), "white")
-    draw = ImageDraw.Draw(img)
-
-    def panel(left, top, right, bottom, title, series):
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, top - 20), title, fill="black")
-        pts = [p for _, values in series.values() for p in values]
-        x0, x1 = min(math.log10(x) for x, _ in pts), max(math.log10(x) for x, _ in pts)
-        y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
-        y1 = y1 if y1 > y0 else y0 + 1e-6
-        for k, (name, (colour, values)) in enumerate(series.items()):
-            xy = sorted((left + (right - left) * (math.log10(x) - x0) / (x1 - x0 or 1),
-                         bottom - (bottom - top) * (y - y0) / (y1 - y0)) for x, y in values)
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            draw.text((left + 10 + 150 * (k % 4), bottom + 10 + 14 * (k // 4)), name, fill=colour)
-        for frac in (0.0, 0.5, 1.0):
-            draw.text((left - 60, bottom - (bottom - top) * frac - 6), f"{y0 + frac * (y1 - y0):.3f}", fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            draw.text((left + (right - left) * frac - 15, bottom + 42), f"{10 ** (x0 + frac * (x1 - x0)):.0f}",
-                      fill="black")
-
-    for i, (reward_name, rows) in enumerate(results.items()):
-        series = {fam: (col, [(r["model_calls_per_image"], r["mean_reward"]) for r in rows if r["family"] == fam])
-                  for fam, col in COLOURS.items() if any(r["family"] == fam for r in rows)}
-        panel(80 + 640 * i, 40, 600 + 640 * i, 400, f"{reward_name}: mean reward vs model calls / image", series)
-    law_series = {m: (COLOURS[m], [(r["model_calls_per_image"], r["tv"]) for r in law["rows"] if r["method"] == m])
-                  for m in ("DTS", "FK / SMC")}
-    panel(80, 540, 1240, 880, f"TV to the exact tilted law vs model calls / image (noise floor "
-                              f"{law['noise_floor_tv']:.3f})", law_series)
-    img.save(path)
-
-
 def fmt(x):
     return "none" if x is None else f"{x:.2f}"
 
@@ -284,7 +242,7 @@ def main() -> int:
               "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, law, args.out.with_suffix(".png"))
+    plotting.frontier_plot(report, args.out.with_suffix(".png"))
     print("\ntargets:")
     for reward_name, v in checks.items():
         print(f"  {reward_name}:\n    DTS* reaches best-of-N with <= 1/{DTS_STAR_CALL_FRACTION} of its calls: "

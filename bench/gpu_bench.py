@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 import harness  # noqa: E402
+import plotting  # noqa: E402  (bench/plotting.py, beside this file)
 from comfy_client import host_paths  # noqa: E402
 
 GIB = 1024 ** 3
@@ -749,31 +750,6 @@ def environment(mode: str) -> dict:
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def plot(results: dict, path: Path) -> None:
-    """Bars: overhead ratio and candidate throughput share per steering run (PIL, like the other benches)."""
-    from PIL import Image, ImageDraw
-    rows = [(name.split(":", 1)[1], r) for name, sec in results.items() if name.startswith("steering:")
-            and isinstance(sec, dict) for r in sec.get("rows", [])]
-    if not rows:
-        return
-    width, bar = 1000, 12
-    img = Image.new("RGB", (width, 60 + len(rows) * (2 * bar + 14)), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), "blue: overhead = wall / (calls x plain per-item time), 1 = no overhead; "
-                       "orange: share of peak items/s the candidate calls reach (goal >= 0.9)", fill="black")
-    left, right = 330, width - 80
-    top = max(2.0, max(max(r["overhead_ratio"], r["throughput_share_candidate_calls"]) for _, r in rows))
-    x1 = left + (right - left) / top
-    for i, (fam, r) in enumerate(rows):
-        y = 40 + i * (2 * bar + 14)
-        draw.text((10, y + 4), f"{fam} {r['sampler']} n={r['n']} {r['decoder']}", fill="black")
-        for j, (key, colour) in enumerate((("overhead_ratio", (31, 119, 180)),
-                                           ("throughput_share_candidate_calls", (255, 127, 14)))):
-            v = r[key]
-            draw.rectangle([left, y + j * bar, left + (right - left) * v / top, y + (j + 1) * bar - 2], fill=colour)
-            draw.text((left + (right - left) * v / top + 4, y + j * bar), f"{v:.2f}", fill="black")
-    draw.line([x1, 30, x1, img.height - 5], fill=(0, 0, 0))
-    img.save(path)
 
 
 def main() -> int:
@@ -810,7 +786,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     try:
-        plot(results, args.out.with_suffix(".png"))
+        plotting.gpu_plot(report, args.out.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001
         print(f"plot skipped: {type(e).__name__}: {e}")
     print(f"wrote {args.out} in {report['total_seconds']:.1f}s; failed sections: {report['failed_sections'] or 'none'}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demon_bench as common  # noqa: E402  (bootstraps ComfyUI in-process and loads the pack)
+import plotting  # noqa: E402  (bench/plotting.py, beside this file)
 
 import torch  # noqa: E402
 
@@ -42,27 +43,6 @@ def random_comfy_clip_vision():
     return clip_common.ComfyClipVision(cv, "random weights")
 
 
-def plot(results: dict, path: Path) -> None:
-    """Bars: ms per image, batched vs one at a time, per row."""
-    from PIL import Image, ImageDraw
-    rows = list(results.items())
-    width, bar_h = 900, 14
-    height = 50 + len(rows) * (2 * bar_h + 18)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), "ms per image, 16 images of 512x512 (blue: one batch of 16, orange: one at a time)", fill="black")
-    longest = max(max(r["batched_seconds"], r["one_at_a_time_seconds"]) for _, r in rows) / 16 * 1000
-    left, right = 330, width - 80
-    for i, (name, r) in enumerate(rows):
-        y = 40 + i * (2 * bar_h + 18)
-        draw.text((10, y + bar_h // 2), name, fill="black")
-        for j, (key, colour) in enumerate((("batched_seconds", (31, 119, 180)),
-                                           ("one_at_a_time_seconds", (255, 127, 14)))):
-            ms = r[key] / 16 * 1000
-            draw.rectangle([left, y + j * bar_h, left + (right - left) * ms / longest, y + (j + 1) * bar_h - 2],
-                           fill=colour)
-            draw.text((left + (right - left) * ms / longest + 4, y + j * bar_h), f"{ms:.0f}", fill="black")
-    img.save(path)
 
 
 def timed(fn, repeats=3):
@@ -107,9 +87,9 @@ def main() -> int:
     print(f"target batched >= 3x one at a time: {'met' if best >= 3 else 'NOT met'} on this CPU (best {best:.1f}x); "
           f"bf16 vs fp32, aesthetic batched: {results['aesthetic, open_clip ViT-L-14 fp32']['batched_seconds'] / results['aesthetic, open_clip ViT-L-14 bf16']['batched_seconds']:.1f}x")
     out = common.REPO / "bench" / "results" / "rewards.json"
-    out.write_text(json.dumps({"device": "cpu", "threads": torch.get_num_threads(), "images": 16,
-                               "image_size": 512, "results": results}, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
+    report = {"device": "cpu", "threads": torch.get_num_threads(), "images": 16, "image_size": 512, "results": results}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plotting.rewards_plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

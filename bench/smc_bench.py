@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demon_bench as common  # noqa: E402  (bootstraps ComfyUI in-process and loads the pack)
+import plotting  # noqa: E402  (bench/plotting.py, beside this file)
 
 import torch  # noqa: E402
 
@@ -118,42 +118,6 @@ def verdict(results: dict) -> dict:
     return out
 
 
-def plot(results: dict, law: dict, path: Path) -> None:
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (1200, 900), "white")
-    draw = ImageDraw.Draw(img)
-    colours = {"best-of-N": (100, 100, 100), "FK / SMC": (214, 39, 40), "demon": (31, 119, 180)}
-
-    def panel(left, top, right, bottom, title, series, logx=True):
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, top - 20), title, fill="black")
-        pts = [p for s in series.values() for p in s[1]]
-        fx = (lambda v: math.log10(v)) if logx else (lambda v: v)
-        x0, x1 = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
-        y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
-        y1 = y1 if y1 > y0 else y0 + 1e-6
-        for k, (name, (colour, values)) in enumerate(series.items()):
-            xy = sorted((left + (right - left) * (fx(x) - x0) / (x1 - x0 or 1),
-                         bottom - (bottom - top) * (y - y0) / (y1 - y0)) for x, y in values)
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            draw.text((left + 10 + 220 * k, bottom + 10), name, fill=colour)
-        draw.text((left - 55, top), f"{y1:.3f}", fill="black")
-        draw.text((left - 55, bottom - 10), f"{y0:.3f}", fill="black")
-
-    for i, (reward_name, rows) in enumerate(results.items()):
-        series = {fam: (col, [(r["model_calls_per_image"], r["mean_reward"]) for r in rows if r["family"] == fam])
-                  for fam, col in colours.items()}
-        panel(70 + 600 * i, 40, 560 + 600 * i, 400, f"{reward_name}: mean reward vs calls/image (log)", series)
-    law_series = {"FK weighted draw": ((214, 39, 40), [(r["particles"], r["fk_tv"]) for r in law["rows"]]),
-                  "best-of-N + importance resampling": ((100, 100, 100), [(r["particles"],
-                                                                           r["importance_resampling_tv"])
-                                                                          for r in law["rows"]]),
-                  "noise floor": ((44, 160, 44), [(r["particles"], law["noise_floor_tv"]) for r in law["rows"]])}
-    panel(70, 500, 1160, 840, "total variation to the exact tilted law vs particles (log)", law_series)
-    img.save(path)
 
 
 def main() -> int:
@@ -171,7 +135,7 @@ def main() -> int:
     checks = verdict(results)
     report = {"reward_vs_calls": results, "lambdas": LAMBDAS, "law_error": law, "fk_vs_best_of_n": checks}
     (out_dir / "smc.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, law, out_dir / "smc.png")
+    plotting.smc_plot(report, out_dir / "smc.png")
     print("\nverdicts:")
     for reward_name, rows in checks.items():
         print(f"  {reward_name}: FK >= best-of-N at equal calls in {sum(r['fk_at_least_best_of_n'] for r in rows)}"

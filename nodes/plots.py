@@ -111,24 +111,84 @@ def smc_figure(trace: list[dict], title: str, ess_threshold: float | None = None
     return fig
 
 
+def draw_panel(ax, title: str, series: dict[str, list[tuple]], xlabel: str = "step", ylabel: str = "reward",
+               logx: bool = False, hlines: dict[str, float] | None = None, colours: dict[str, str] | None = None) -> None:
+    """One line chart on `ax`: a line with markers per series ((x, y) points, or (x, y, standard error) drawn as
+    error bars), optional labelled horizontal lines (a threshold, a noise floor), axis labels, grid and legend.
+    The nodes' charts and the benchmarks' plots are drawn by this one function."""
+    colours = colours or {}
+    for name, values in series.items():
+        if not values:
+            continue
+        values = sorted(values)
+        xs, ys = [v[0] for v in values], [v[1] for v in values]
+        errors = [v[2] for v in values] if all(len(v) > 2 for v in values) else None
+        ax.errorbar(xs, ys, yerr=errors, marker="o", ms=3, capsize=2 if errors else 0, label=name,
+                    color=colours.get(name))
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, ls="--", color="grey", lw=1, label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if any(series.values()):
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "nothing to plot", ha="center", transform=ax.transAxes)
+
+
 def panels_figure(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], xlabel: str = "step",
                   ylabels: list[str] | None = None, width_px: int = 640, panel_height_px: int = 260):
     """Generic stacked line charts: each panel (title, {series name: [(x, y), ...]})."""
+    return chart_figure([{"title": title, "series": series, "xlabel": xlabel,
+                          "ylabel": ylabels[p] if ylabels else "reward"} for p, (title, series) in enumerate(panels)],
+                        width_px=width_px, panel_height_px=panel_height_px)
+
+
+def chart_figure(panels: list[dict], columns: int = 1, width_px: int = 640, panel_height_px: int = 260):
+    """A grid of draw_panel charts, `columns` wide; each panel a dict of draw_panel's arguments."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width_px / 100, panel_height_px * len(panels) / 100), dpi=100,
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width_px / 100, panel_height_px * rows / 100), dpi=100,
                              squeeze=False)
-    for p, (title, series) in enumerate(panels):
-        ax = axes[p][0]
-        for name, values in series.items():
-            if values:
-                ax.plot(*zip(*values), marker="o", ms=3, label=name)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabels[p] if ylabels else "reward")
-        ax.grid(True, alpha=0.3)
-        if any(series.values()):
-            ax.legend(fontsize=7, loc="best")
-        else:
-            ax.text(0.5, 0.5, "nothing to plot", ha="center", transform=ax.transAxes)
+    for p, panel in enumerate(panels):
+        draw_panel(axes[p // columns][p % columns], **panel)
+    for p in range(len(panels), rows * columns):
+        axes[p // columns][p % columns].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def bars_figure(title: str, rows: list[tuple[str, dict[str, float]]], xlabel: str, vline: float | None = None,
+                width_px: int = 900, value_format: str = "{:.2f}"):
+    """Horizontal grouped bars (the benchmarks' cost charts): one group per row label, one bar per series, each
+    labelled with its value; `vline` marks a reference value (1 = no overhead)."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(k for _, values in rows for k in values))
+    height = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(width_px / 100, (120 + 22 * len(rows) * max(1, len(names))) / 100), dpi=100)
+    for j, name in enumerate(names):
+        ys = [i + j * height for i in range(len(rows))]
+        values = [values.get(name, np.nan) for _, values in rows]
+        bars = ax.barh(ys, values, height=height * 0.9, label=name)
+        ax.bar_label(bars, labels=[value_format.format(v) for v in values], fontsize=7, padding=2)
+    ax.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(rows))])
+    ax.set_yticklabels([label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    if vline is not None:
+        ax.axvline(vline, color="black", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(names))   # below the bars
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path) -> None:
+    """Write a figure to a PNG file and close it (the benchmarks' plots)."""
+    plt = _pyplot()
+    fig.savefig(path)
+    plt.close(fig)

@@ -13,7 +13,8 @@ import harness
 from test_demon import ksampler_demon_prompt
 from test_smc import smc_node_inputs
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
 BATCH = 3
 
 
@@ -124,3 +125,37 @@ def test_missing_matplotlib_names_the_install(monkeypatch):
         assert "pip install matplotlib" in str(e)
     else:
         raise AssertionError("expected a RuntimeError naming pip install matplotlib")
+
+
+def test_bench_plots_are_the_same_charts(tmp_path):
+    """bench/plotting.py draws the benchmarks' figures with the nodes' chart code: each panel of the frontier plot
+    has labelled axes, calls on a log axis, a line per method with its standard errors as error bars (the JSON's
+    numbers), the same colour for a method in every panel, and the law panel its noise floor."""
+    import importlib.util
+    import matplotlib.pyplot as plt
+    spec = importlib.util.spec_from_file_location("bench_plotting", REPO / "bench" / "plotting.py")
+    plotting = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plotting)
+    report = json.loads((REPO / "bench" / "results" / "frontier.json").read_text())
+    colours = plotting.family_colours(report)
+    panels = plotting.reward_vs_calls_panels(report["reward_vs_calls"], colours)
+    fig = plots().chart_figure(panels, columns=2, width_px=1200, panel_height_px=400)
+    for ax, (reward_name, rows) in zip(fig.axes, report["reward_vs_calls"].items()):
+        assert_readable_axes(ax, plotting.CALLS, "mean final reward (± SE)")
+        assert ax.get_xscale() == "log"
+        containers = {c.get_label(): c for c in ax.containers}
+        assert set(containers) == {r["family"] for r in rows}
+        for family, container in containers.items():
+            mine = sorted((r["model_calls_per_image"], r["mean_reward"], r["standard_error"]) for r in rows
+                          if r["family"] == family)
+            line, _, (bars,) = container
+            np.testing.assert_allclose(line.get_xydata(), [(c, m) for c, m, _ in mine])
+            segments = np.array([s[:, 1] for s in bars.get_segments()])      # each error bar: mean ± SE
+            np.testing.assert_allclose(segments, [(m - se, m + se) for _, m, se in mine], rtol=1e-6, atol=1e-9)
+            assert plt.matplotlib.colors.same_color(line.get_color(), colours[family]), family
+    plt.close(fig)
+    for stem in ("frontier", "smc", "demon", "rewards", "cpu_fullsize_sd15_rerun"):
+        out = tmp_path / f"{stem}.png"
+        plotting.PLOTS[stem](json.loads((REPO / "bench" / "results" / f"{stem}.json").read_text()), out)
+        with Image.open(out) as image:
+            assert image.width >= 900 and image.height >= 300, (stem, image.size)
