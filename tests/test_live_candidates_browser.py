@@ -5,9 +5,11 @@ and it freezes (labelled "final") when the run ends.  A mid-run screenshot goes 
 from __future__ import annotations
 
 import json
-import time
 
-from comfy_client import DEMO_WORKFLOW, REPO
+import pytest
+
+from build_workflows import VUE_SETTING, renderers
+from comfy_client import DEMO_WORKFLOW
 from test_manual_pick_browser import ARTIFACTS, LAUNCH_ARGS, NODE_BY_ID_JS, browser, comfy  # noqa: F401 (fixtures)
 
 WORKFLOW = DEMO_WORKFLOW
@@ -19,16 +21,43 @@ RECORD_JS = """() => { window.__rsLiveSeen = []; window.comfyAPI.api.api.addEven
     e => window.__rsLiveSeen.push({node: e.detail.node, kind: e.detail.kind, step: e.detail.step, k: e.detail.k,
                                    rewards: e.detail.rewards.length, weights: e.detail.weights.length})); }"""
 STATE_JS = "() => ({...window.__rewardSteeringLive, seen: window.__rsLiveSeen})"
+# the grid's box under node `id` as the page shows it: its size on screen and whether its canvas has drawn pixels
+GRID_JS = """(id) => { const box = document.querySelector(`[data-reward-steer-live="${id}"]`);
+    if (!box) return null; const r = box.getBoundingClientRect(), canvas = box.querySelector('canvas');
+    const pixels = canvas.width && canvas.height ? canvas.getContext('2d').getImageData(0, 0, canvas.width,
+        canvas.height).data : [];
+    let lit = 0; for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) lit++;
+    const style = getComputedStyle(box);
+    return {width: r.width, height: r.height, visible: style.display !== 'none' && style.visibility !== 'hidden',
+            canvas: [canvas.width, canvas.height], lit}; }"""
 
 
-def test_the_grid_appears_updates_and_freezes_during_the_demo(browser, comfy):  # noqa: F811
+@pytest.mark.parametrize("renderer", ["classic", "vue"])
+def test_the_grid_appears_updates_and_freezes_during_the_demo(browser, comfy, renderer):  # noqa: F811
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(comfy.url, wait_until="domcontentloaded", timeout=120_000)
     page.wait_for_function(READY_JS, timeout=120_000)
     page.wait_for_timeout(500)
     if page.query_selector(".p-dialog"):
         page.keyboard.press("Escape")
+    vue = renderer == "vue"
+    if vue and vue not in renderers(page):
+        page.close()
+        pytest.skip("this frontend has no Vue node renderer")
+    set_renderer = f"async (v) => {{ await window.comfyAPI.app.app.extensionManager.setting.set('{VUE_SETTING}', v); }}"
+    page.evaluate(set_renderer, vue)
+    comfy.post("/free", {"free_memory": True, "unload_models": True})   # no cached outputs: every node runs again
+    page.wait_for_timeout(1000)
+    try:
+        run_and_check(page, vue)
+    finally:
+        page.evaluate(set_renderer, False)     # the setting is the server's: leave the classic renderer for others
+        page.close()
+
+
+def run_and_check(page, vue: bool) -> None:
     page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", json.loads(WORKFLOW.read_text()))
+    page.wait_for_timeout(1000)
     page.evaluate(RECORD_JS)
     demon = page.evaluate(f"() => ({NODE_BY_ID_JS})(9).type")
     assert demon == "RewardSteerKSamplerDemon", demon
@@ -40,11 +69,18 @@ def test_the_grid_appears_updates_and_freezes_during_the_demo(browser, comfy):  
                            timeout=300_000)
     mid = page.evaluate(STATE_JS)
     assert not mid["frozen"]
-    page.wait_for_timeout(200)
+    page.wait_for_timeout(300)
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "live_candidates.png"))
+    page.screenshot(path=str(ARTIFACTS / ("live_candidates_vue.png" if vue else "live_candidates.png")))
     drawn_mid = page.evaluate(f"() => ({NODE_BY_ID_JS})(9).rsLive?.img?.naturalWidth ?? 0")
     assert drawn_mid > 0                        # the grid image is on the node
+    grid = page.evaluate(GRID_JS, "9")          # and the page shows it: a box with a drawn canvas, in this renderer
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || '0'")
+    if vue and grid is None and tuple(int(p) for p in version.split(".")[:2]) < (1, 45):
+        # Known: v0.3.75's own frontend (1.32.x) does not mount a node's DOM widgets in its Vue renderer (nor
+        # draw canvas foregrounds there); 1.45.21 (v0.28.2's) and the newest, 1.58.1, show the grid.
+        pytest.xfail(f"frontend {version}: the Vue node renderer mounts no DOM widgets")
+    assert grid and grid["visible"] and grid["width"] > 100 and grid["height"] > 100 and grid["lit"] > 1000, grid
     page.wait_for_function("() => window.__rewardSteeringLive.frozen", timeout=600_000)
     end = page.evaluate(STATE_JS)
     seen = end["seen"]
@@ -57,4 +93,5 @@ def test_the_grid_appears_updates_and_freezes_during_the_demo(browser, comfy):  
     assert end["count"] == len(seen)            # every event was drawn
     frozen = page.evaluate(f"() => ({NODE_BY_ID_JS})(14).rsLive?.frozen")
     assert frozen is True                       # the last grid stays, frozen
-    page.close()
+    grid = page.evaluate(GRID_JS, "14")
+    assert grid and grid["visible"] and grid["lit"] > 1000, grid

@@ -2,7 +2,7 @@
 //
 // At each scored step of a Demon, SMC or tree run the server sends "reward_steering.live" to the tab that queued it:
 // a small latent-RGB grid of batch item 0's candidates with each one's reward, weight and kept / resampled mark.
-// This script draws the latest grid under the executing node's widgets; when the run ends the grid stays, frozen
+// This script draws the latest grid in a box under the executing node's widgets; when the run ends the grid stays, frozen
 // and labelled "final".  The setting "Reward steering: live candidate view" switches drawing off in this tab
 // (the server stops sending with REWARD_STEER_LIVE=0).
 import { app } from "../../scripts/app.js";
@@ -11,6 +11,7 @@ import { api } from "../../scripts/api.js";
 const EVENT = "reward_steering.live";
 const SETTING = "RewardSteering.LiveCandidates";
 const LABEL_PX = 26;    // two lines of text under each tile
+const WIDGET = "rs_live";
 
 // what the browser test reads: events drawn, the last step, whether the view is frozen
 const state = { count: 0, step: null, node: null, frozen: false };
@@ -34,23 +35,50 @@ function layout(view) {
     return { cols, rows, w: tileW * scale, h: tileH * scale };
 }
 
-function draw(node, ctx) {
+// The grid lives in a DOM widget (a <canvas> under the node's widgets), so both the classic canvas renderer and the
+// Vue node renderer ("Nodes 2.0") show it.
+function liveWidget(node) {
+    let widget = node.widgets?.find((w) => w.name === WIDGET);
+    if (widget) return widget;
+    const box = document.createElement("div");
+    box.className = "reward-steer-live";
+    box.setAttribute("data-reward-steer-live", String(node.id));
+    box.style.cssText = "overflow:hidden;background:rgba(20,20,20,0.92);border-radius:4px;";
+    const canvas = document.createElement("canvas");
+    canvas.style.cssText = "display:block;max-width:100%;";
+    canvas.width = canvas.height = 0;
+    box.appendChild(canvas);
+    widget = node.addDOMWidget(WIDGET, "reward_steer_live", box, {
+        serialize: false,        // a view of the run, not a setting: never saved in the workflow or sent
+        getValue: () => "",
+        setValue: () => {},
+        getMinHeight: () => canvas.height + 4,
+    });
+    widget.serialize = false;
+    widget.canvas = canvas;
+    return widget;
+}
+
+function draw(node) {
     const view = node.rsLive;
     if (!view?.img?.complete || !view.img.naturalWidth) return;
     const { data } = view;
     const { cols, rows, w, h } = layout(view);
-    const top = node.size[1] + 4, left = 4;
-    ctx.save();
-    ctx.fillStyle = "rgba(20,20,20,0.92)";
-    ctx.fillRect(0, top - 4, cols * (w + 4) + 8, rows * (h + LABEL_PX + 4) + 24);
+    const canvas = liveWidget(node).canvas;
+    const width = Math.ceil(cols * (w + 4) + 8), height = Math.ceil(rows * (h + LABEL_PX + 4) + 22);
+    const resized = canvas.width !== width || canvas.height !== height;
+    canvas.width = width;
+    canvas.height = height;
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, width, height);
     ctx.fillStyle = "#ddd";
     ctx.font = "12px sans-serif";
     const where = view.frozen ? "final" : "live";
     ctx.fillText(`${data.kind} step ${data.step + 1}/${data.steps}, ${data.shown} of ${data.k} (item 0), green = ` +
-                 `${data.mark} - ${where}`, left, top + 10);
+                 `${data.mark} - ${where}`, 4, 13, width - 8);
     for (let j = 0; j < data.shown; j++) {
         const c = j % cols, r = Math.floor(j / cols);
-        const x = left + c * (w + 4), y = top + 16 + r * (h + LABEL_PX + 4);
+        const x = 4 + c * (w + 4), y = 20 + r * (h + LABEL_PX + 4);
         const sw = view.img.naturalWidth / cols, sh = view.img.naturalHeight / rows;
         ctx.globalAlpha = view.frozen ? 0.6 : 1.0;
         ctx.imageSmoothingEnabled = false;
@@ -66,25 +94,17 @@ function draw(node, ctx) {
         ctx.fillText(`r ${data.rewards[j].toFixed(3)}`, x, y + h + 11);
         ctx.fillText(`w ${data.weights[j].toFixed(3)}`, x, y + h + 23);
     }
-    ctx.restore();
-}
-
-function attach(node) {
-    if (node.rsLiveHooked) return;
-    node.rsLiveHooked = true;
-    const previous = node.onDrawForeground;
-    node.onDrawForeground = function (ctx) {
-        const result = previous?.apply(this, arguments);
-        if (!this.flags?.collapsed) draw(this, ctx);
-        return result;
-    };
+    if (resized) {   // room for the grid: grow the node, never shrink what the user sized
+        const wanted = node.computeSize?.() ?? node.size;
+        node.setSize?.([Math.max(node.size[0], wanted[0], width + 20), Math.max(node.size[1], wanted[1])]);
+    }
+    app.graph?.setDirtyCanvas?.(true, true);
 }
 
 function show(data) {
     if (!enabled() || !data?.image) return;
     const node = nodeById(data.node);
     if (!node) return;
-    attach(node);
     const img = new Image();
     img.onload = () => {
         node.rsLive = { data, img, frozen: false };
@@ -92,17 +112,19 @@ function show(data) {
         state.step = data.step;
         state.node = String(data.node);
         state.frozen = false;
-        app.graph.setDirtyCanvas(true, false);
+        draw(node);
     };
     img.src = "data:image/png;base64," + data.image;
 }
 
 function freezeAll() {
     for (const node of app.graph?._nodes ?? []) {
-        if (node.rsLive) node.rsLive.frozen = true;
+        if (node.rsLive) {
+            node.rsLive.frozen = true;
+            draw(node);
+        }
     }
     if (state.count) state.frozen = true;
-    app.graph?.setDirtyCanvas(true, false);
 }
 
 app.registerExtension({
@@ -119,7 +141,11 @@ app.registerExtension({
             api.addEventListener(event, () => freezeAll());
         }
         api.addEventListener("execution_start", () => {   // a new run: drop the previous run's grids
-            for (const node of app.graph?._nodes ?? []) delete node.rsLive;
+            for (const node of app.graph?._nodes ?? []) {
+                delete node.rsLive;
+                const canvas = node.widgets?.find((w) => w.name === WIDGET)?.canvas;
+                if (canvas) canvas.width = canvas.height = 0;
+            }
             Object.assign(state, { frozen: false });
             app.graph?.setDirtyCanvas(true, false);
         });
