@@ -433,7 +433,8 @@ def api_to_ui(api: dict, object_info: dict, note: str | None = None, description
                       "size": note_place[1], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
                       "outputs": [], "properties": {}, "widgets_values": [note], "color": NOTE_COLOR,
                       "bgcolor": NOTE_BGCOLOR})
-    extra = {"ds": {"scale": 0.8, "offset": [40, 40]}}
+    # reward_steering_template: web/template_view.js opens the file at this view from the template browser too
+    extra = {"ds": {"scale": 0.8, "offset": [110, 110]}, "reward_steering_template": True}
     if description:
         extra["description"] = description
     return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes, "links": links,
