@@ -2,9 +2,10 @@
 """Write the template browser's thumbnails, workflows/<name>.jpg (the name every frontend asks a custom node pack
 for: /api/workflow_templates/<pack>/<name>.jpg), 400 x 300.
 
-- The demo's is its real output: the same seed's images sampled plainly, with Demon and with SMC on the reference
-  model, one row each (a ComfyUI server runs the demo).
-- The other examples need model files, a person or a VLM server, so theirs is a card drawn from the graph itself:
+- The reference-model examples' are their real outputs (a ComfyUI server runs them): the demo's same-seed images
+  sampled plainly, with Demon and with SMC, one row each; the manual-pick example as it runs when nobody answers
+  (its fallback colour reward steers); the VLM example judged by tests/scripted_vlm.py's stand-in judge (prefers red).
+- The examples on real models need their model files, so theirs is a card drawn from the graph itself:
   the title, model -> steering -> reward in the graph's group colours, the steering's size (K, particles, n) and
   the files the graph loads.  No screenshot: a graph without its model files would show missing-model banners.
 
@@ -22,7 +23,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_workflows import NOTES, WORKFLOWS, api_graph  # noqa: E402
-from comfy_client import DEMO_WORKFLOW, GROUPS, MODEL_FILE_SUFFIXES, REPO, ComfyServer, ui_to_api  # noqa: E402
+from comfy_client import (DEMO_WORKFLOW, GROUPS, MANUAL_PICK_WORKFLOW, MODEL_FILE_SUFFIXES, REPO,  # noqa: E402
+                          ComfyServer, ui_to_api)
+
+sys.path.insert(0, str(REPO / "tests"))
+from scripted_vlm import ScriptedVLM  # noqa: E402
+
+VLM_WORKFLOW = REPO / "workflows" / "Reference model + Demon, a VLM judges.json"
 
 SIZE = (400, 300)
 BACKGROUND = (32, 32, 32)
@@ -122,9 +129,33 @@ def graph_card(filename: str) -> Image.Image:
     return card
 
 
+def output_thumbnail(server: ComfyServer, output_dir: Path, info: dict, workflow_path: Path, caption: str,
+                     vlm_url: str | None = None) -> Image.Image:
+    """A reference-model example's own saved images (its batch, side by side) over a one-line caption."""
+    api = ui_to_api(json.loads(workflow_path.read_text()), info)
+    for node in api.values():
+        if vlm_url and "base_url" in node["inputs"]:
+            node["inputs"]["base_url"] = vlm_url
+        if node["class_type"] == "SaveImage":
+            slug = "".join(c if c.isalnum() else "_" for c in workflow_path.stem)
+            node["inputs"]["filename_prefix"] = f"thumbnail_{slug}/out"
+            prefix = node["inputs"]["filename_prefix"]
+    server.run(api, timeout=900)
+    files = sorted((output_dir / prefix).parent.glob("out*.png"))
+    if not files:
+        raise RuntimeError(f"{workflow_path.name} saved no images under {output_dir / prefix}")
+    tile = min(SIZE[0] // len(files), 240)
+    card = Image.new("RGB", (tile * len(files), tile + 28), BACKGROUND)
+    for col, path in enumerate(files):
+        card.paste(Image.open(path).convert("RGB").resize((tile, tile)), (col * tile, 0))
+    ImageDraw.Draw(card).text((6, tile + 8), caption, fill="white", font=font(13))
+    return card
+
+
 def main() -> int:
+    real_runs = {DEMO_WORKFLOW.name, MANUAL_PICK_WORKFLOW.name, VLM_WORKFLOW.name}
     for filename in WORKFLOWS:
-        if filename != DEMO_WORKFLOW.name:
+        if filename not in real_runs:
             save_jpeg(graph_card(filename), (REPO / "workflows" / filename).with_suffix(".jpg"))
     if "--cards" in sys.argv:
         return 0
@@ -133,6 +164,16 @@ def main() -> int:
         with ComfyServer(output_dir=out) as server:
             info = server.get("/object_info", timeout=120)
             save_jpeg(demo_thumbnail(server, out, info), DEMO_WORKFLOW.with_suffix(".jpg"))
+            save_jpeg(output_thumbnail(server, out, info, MANUAL_PICK_WORKFLOW,
+                                       "nobody picked: the fallback (redness) steered"),
+                      MANUAL_PICK_WORKFLOW.with_suffix(".jpg"))
+            judge = ScriptedVLM()
+            try:
+                save_jpeg(output_thumbnail(server, out, info, VLM_WORKFLOW,
+                                           "judged by a stand-in VLM that prefers red", vlm_url=judge.url),
+                          VLM_WORKFLOW.with_suffix(".jpg"))
+            finally:
+                judge.close()
     return 0
 
 
