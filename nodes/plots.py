@@ -74,7 +74,10 @@ def demon_figure(trace: list[dict], title: str, width_px: int = 640, height_px: 
     ax.set_ylabel("reward")
     ax.set_title(title, fontsize=9)
     _steps_axis(ax, steps, sigmas)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:     # nothing scored (K = 1): no legend
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no steered step", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 
